@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Train and evaluate Detectron2 models with ACM.
+
+Detectron2's tools/train_net.py with the ACM config keys, COCO evaluation, and the
+registration of COCO-format datasets named on the command line or in the config
+(``--register-coco NAME JSON IMAGE_ROOT``, ``DATASETS.COCO_INSTANCES``), done in every
+process so that the workers started by ``launch`` have them too.
+"""
+import logging
+import os
+from collections import OrderedDict
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.modeling import GeneralizedRCNNWithTTA
+
+from acm_d2 import add_acm_config
+from acm_d2.data import register_coco_format_dataset
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with COCO evaluation for the datasets of DATASETS.TEST."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if evaluator_type != "coco":
+            raise ValueError(
+                f"DATASETS.TEST has {dataset_name!r} with evaluator_type {evaluator_type!r}; "
+                f"tools/train_net.py evaluates COCO-format datasets (evaluator_type 'coco')"
+            )
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        logging.getLogger("detectron2.trainer").info("Running inference with test-time augmentation ...")
+        model = GeneralizedRCNNWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict({k + "_TTA": v for k, v in res.items()})
+
+
+def register_datasets(cfg, args) -> None:
+    """Register the COCO-format datasets of ``--register-coco`` and DATASETS.COCO_INSTANCES."""
+    for entry in list(cfg.DATASETS.COCO_INSTANCES) + list(args.register_coco or []):
+        if len(entry) != 3:
+            raise ValueError(
+                f"DATASETS.COCO_INSTANCES entries are [name, json_file, image_root]; got {list(entry)!r}"
+            )
+        register_coco_format_dataset(*entry)
+
+
+def setup(args):
+    """Create the config, register the datasets and do Detectron2's basic set-up."""
+    cfg = get_cfg()
+    add_acm_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    register_datasets(cfg, args)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks([hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))])
+    return trainer.train()
+
+
+def argument_parser():
+    """Detectron2's default argument parser plus ``--register-coco``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format instances dataset under NAME (repeatable)",
+    )
+    return parser
+
+
+def invoke_main() -> None:
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
