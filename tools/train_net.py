@@ -4,26 +4,30 @@
 Detectron2's tools/train_net.py with the ACM config keys, COCO evaluation, and the
 registration of COCO-format datasets named on the command line or in the config
 (``--register-coco NAME JSON IMAGE_ROOT``, ``DATASETS.COCO_INSTANCES``), done in every
-process so that the workers started by ``launch`` have them too.
+process so that the workers started by ``launch`` have them too. The trainer is
+:class:`acm_d2.engine.ACMTrainer` (safe and atomic checkpoints, exact ``--resume``, named
+non-finite losses, ``--num-gpus N`` as N CPU processes with gloo when there is no GPU);
+see docs/training.md.
 """
 import logging
 import os
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks, launch
+from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 
 from acm_d2 import add_acm_config
 from acm_d2.data import register_coco_format_dataset
+from acm_d2.engine import ACMCheckpointer, ACMTrainer, launch
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with COCO evaluation for the datasets of DATASETS.TEST."""
+class Trainer(ACMTrainer):
+    """ACMTrainer (Detectron2's DefaultTrainer, made resumable) with COCO evaluation for the
+    datasets of DATASETS.TEST."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -59,13 +63,19 @@ def register_datasets(cfg, args) -> None:
         register_coco_format_dataset(*entry)
 
 
-def setup(args):
-    """Create the config, register the datasets and do Detectron2's basic set-up."""
+def get_config(args):
+    """The frozen config of ``--config-file`` and the command line options."""
     cfg = get_cfg()
     add_acm_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """Create the config, register the datasets and do Detectron2's basic set-up."""
+    cfg = get_config(args)
     register_datasets(cfg, args)
     default_setup(cfg, args)
     return cfg
@@ -76,7 +86,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        ACMCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))
@@ -114,6 +124,7 @@ def invoke_main() -> None:
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=get_config(args).MODEL.DEVICE,  # "cpu": --num-gpus CPU processes with gloo
     )
 
 

@@ -58,9 +58,16 @@ def insert_context_modules(
         stages = default_acm_stages(available, freeze_at)
     unknown = [s for s in stages if s not in available]
     if unknown:
+        c4_hint = ""
+        if "res5" in unknown and "res4" in available:
+            c4_hint = (
+                ". In C4 models (OUT_FEATURES ['res4']) res5 is not in the backbone but in the ROI heads "
+                "(Res5ROIHeads), which get no ACM: drop 'res5' or use an FPN model"
+            )
         raise ValueError(
             f"MODEL.ACM.STAGES has {unknown}, which this backbone does not have; valid stages "
             f"here: {available} (stages after the last of MODEL.RESNETS.OUT_FEATURES are not built)"
+            f"{c4_hint}"
         )
     frozen = [s for s in stages if int(s[len("res"):]) <= freeze_at]
     if frozen:

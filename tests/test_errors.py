@@ -1,0 +1,230 @@
+"""Bad input fails early with a message that says what is wrong and what to do: configs,
+checkpoint files, checkpoint shapes, and non-finite losses."""
+import logging
+import math
+import pickle
+
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone, build_model
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from acm_d2 import ACM
+from acm_d2.checkpoint import to_official_state_dict
+from acm_d2.engine import ACMCheckpointer, ACMShapeMismatchError, ACMSimpleTrainer, CheckpointLoadError
+from conftest import acm_cfg
+
+SYNTHETIC = "configs/Base-RCNN-FPN-ACM.yaml"
+# R-18 with FREEZE_AT 0: ACM in res2-res5 (64, 128, 256, 512 channels), 2 blocks each
+SMALL = [
+    "MODEL.WEIGHTS", "", "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.RESNETS.DEPTH", "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", "16", "MODEL.ACM.GROUPS", "8",
+]
+
+
+def backbone(*opts, config=SYNTHETIC):
+    return build_backbone(acm_cfg(config, *SMALL, *opts), ShapeSpec(channels=3))
+
+
+def error_of(*opts, config=SYNTHETIC, build=None):
+    cfg = acm_cfg(config, *SMALL, *opts)
+    with pytest.raises(ValueError) as info:
+        (build or (lambda c: build_backbone(c, ShapeSpec(channels=3))))(cfg)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------ configs
+def test_groups_not_dividing_a_stage():
+    message = error_of("MODEL.ACM.GROUPS", "24")  # res2 has 64 channels: 24 does not divide 32
+    assert "res2" in message and "channels=64" in message and "groups=24" in message
+    assert "MODEL.ACM.GROUPS" in message and "Allowed groups" in message
+
+
+def test_unknown_stage_lists_the_valid_ones():
+    message = error_of("MODEL.ACM.STAGES", "['res3', 'res6']")
+    assert "['res6']" in message and "['res2', 'res3', 'res4', 'res5']" in message
+
+
+def test_frozen_stage_asked_for_acm():
+    message = error_of("MODEL.BACKBONE.FREEZE_AT", "2", "MODEL.ACM.STAGES", "['res2', 'res4']")
+    assert "['res2']" in message and "FREEZE_AT=2" in message and "lower FREEZE_AT" in message
+
+
+@pytest.mark.parametrize("weight", [-0.1, math.nan, math.inf])
+def test_bad_orth_loss_weight(weight):
+    cfg = acm_cfg(SYNTHETIC, *SMALL)
+    cfg.MODEL.ACM.ORTH_LOSS_WEIGHT = weight
+    with pytest.raises(ValueError, match="MODEL.ACM.ORTH_LOSS_WEIGHT must be a finite number >= 0") as info:
+        build_model(cfg)
+    assert repr(weight) in str(info.value)
+
+
+def test_depth_that_is_no_resnet():
+    message = error_of("MODEL.RESNETS.DEPTH", "42")
+    assert "MODEL.RESNETS.DEPTH" in message and "42" in message and "[18, 34, 50, 101, 152]" in message
+
+
+def test_unknown_module():
+    message = error_of("MODEL.ACM.MODULE", "foo")
+    assert "MODEL.ACM.MODULE" in message and "'foo'" in message and "['ACM', 'SE', 'none']" in message
+
+
+def test_c4_with_res5_asked():
+    message = error_of(
+        "MODEL.BACKBONE.NAME", "build_resnet_acm_backbone",
+        "MODEL.RESNETS.OUT_FEATURES", "['res4']",
+        "MODEL.ACM.STAGES", "['res4', 'res5']",
+    )
+    assert "['res5']" in message and "ROI heads" in message and "['res2', 'res3', 'res4']" in message
+
+
+def test_orth_loss_without_acm_modules():
+    message = error_of("MODEL.ACM.MODULE", "SE", build=build_model)
+    assert "no ACM module" in message and "ORTH_LOSS_WEIGHT" in message
+
+
+# -------------------------------------------------------------------------------- checkpoints
+def _save(path, state):
+    torch.save({"model": state}, path)
+    return str(path)
+
+
+def test_acm_shape_mismatch_is_reported_key_by_key(tmp_path):
+    source = backbone()  # GROUPS 8
+    path = _save(tmp_path / "g8.pth", source.state_dict())
+    target = backbone("MODEL.ACM.GROUPS", "16")
+    with pytest.raises(ACMShapeMismatchError) as info:
+        ACMCheckpointer(target).load(path)
+    message = str(info.value)
+    n_acm = sum(isinstance(m, ACM) for m in target.modules())
+    assert len(info.value.mismatches) == 4 * n_acm  # kq_logits weight + bias, both channel_gate weights
+    assert "bottom_up.res2.0.acm.kq_logits.weight: checkpoint (16, 8, 1, 1) vs model (32, 4, 1, 1)" in message
+    assert "bottom_up.res5.1.acm.channel_gate.0.weight: checkpoint (256, 64, 1, 1) vs model (256, 32, 1, 1)" in message
+    assert "MODEL.ACM" in message
+
+
+def test_other_shape_mismatch_keeps_detectron2_behaviour(tmp_path, caplog):
+    source = backbone()
+    state = source.state_dict()
+    state["fpn_output2.bias"] = torch.zeros(3)  # e.g. a head of another size: skipped with a warning
+    model = backbone()
+    with caplog.at_level(logging.WARNING):
+        ACMCheckpointer(model).load(_save(tmp_path / "x.pth", state))
+    assert "fpn_output2.bias" in caplog.text
+    assert torch.equal(model.state_dict()["bottom_up.res3.0.acm.kq_logits.weight"], state["bottom_up.res3.0.acm.kq_logits.weight"])
+
+
+def test_imagenet_weights_report_only_acm_parameters_missing(tmp_path, monkeypatch):
+    plain = backbone("MODEL.ACM.MODULE", "none").bottom_up
+    # ImageNet weights as Detectron2's model zoo stores them: a .pkl of numpy arrays
+    weights = {k: v.numpy() for k, v in plain.state_dict().items()}
+    path = tmp_path / "R-18.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "test", "matching_heuristics": True}, f)
+    model = backbone().bottom_up
+    checkpointer = ACMCheckpointer(model)
+    reports = []
+    monkeypatch.setattr(checkpointer, "_log_incompatible_keys", reports.append)
+    checkpointer.load(str(path))
+    (incompatible,) = reports
+    acm_keys = {k for k in model.state_dict() if ".acm." in k}
+    assert acm_keys and set(incompatible.missing_keys) == acm_keys
+    assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+
+
+def test_authors_layout_is_converted_on_load(tmp_path):
+    source = backbone()
+    path = _save(tmp_path / "authors.pth", to_official_state_dict(source.state_dict()))
+    target = backbone()
+    ACMCheckpointer(target).load(path)
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path, tiny_model):
+    path = tmp_path / "weights.pth"
+    path.write_text("this is not a checkpoint\n")
+    with pytest.raises(CheckpointLoadError, match="not a PyTorch or Detectron2 checkpoint") as info:
+        ACMCheckpointer(tiny_model).load(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_truncated_pth(tmp_path, tiny_model):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": tiny_model.state_dict(), "iteration": 3}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointLoadError, match="truncated") as info:
+        ACMCheckpointer(tiny_model).load(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_broken_pkl(tmp_path, tiny_model):
+    path = tmp_path / "R-50.pkl"
+    path.write_text("<html>404 Not Found</html>")
+    with pytest.raises(CheckpointLoadError, match="not a Detectron2 / Caffe2 model-zoo .pkl"):
+        ACMCheckpointer(tiny_model).load(str(path))
+
+
+def test_missing_file(tmp_path, tiny_model):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ACMCheckpointer(tiny_model).load(str(tmp_path / "nope.pth"))
+
+
+class _Arbitrary:  # a pickled object that weights_only refuses
+    pass
+
+
+def test_pth_with_pickled_objects_is_refused(tmp_path, tiny_model):
+    path = tmp_path / "unsafe.pth"
+    torch.save({"model": tiny_model.state_dict(), "extra": _Arbitrary()}, path)
+    with pytest.raises(CheckpointLoadError, match="weights_only=True") as info:
+        ACMCheckpointer(tiny_model).load(str(path))
+    assert "arbitrary code" in str(info.value)
+
+
+def test_not_a_state_dict(tmp_path, tiny_model):
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(CheckpointLoadError, match="not a checkpoint"):
+        ACMCheckpointer(tiny_model).load(str(path))
+
+
+# ---------------------------------------------------------------------------- non-finite loss
+class _LossModel(nn.Module):
+    def __init__(self, losses):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+        self.losses = losses
+
+    def forward(self, batch):
+        return {k: self.weight * v for k, v in self.losses.items()}
+
+
+@pytest.mark.parametrize(
+    "losses, words",
+    [
+        ({"loss_cls": 1.0, "loss_acm_orth": math.nan}, ["Non-finite terms: ['loss_acm_orth']", "the other terms are finite", "ORTH_LOSS_WEIGHT"]),
+        ({"loss_cls": math.inf, "loss_acm_orth": 0.5}, ["Non-finite terms: ['loss_cls']", "loss_acm_orth (the ACM orthogonality loss) is finite (0.5)"]),
+        ({"loss_cls": math.nan, "loss_acm_orth": math.inf}, ["['loss_acm_orth', 'loss_cls']", "and so are Detectron2's own terms"]),
+        ({"loss_cls": math.nan}, ["loss_acm_orth is not in the loss dict"]),
+    ],
+)
+def test_non_finite_loss_names_the_term(losses, words):
+    model = _LossModel(losses)
+    trainer = ACMSimpleTrainer(model, [[{}]] * 3, torch.optim.SGD(model.parameters(), lr=0.1))
+    with EventStorage(0), pytest.raises(FloatingPointError) as info:
+        trainer.iter = 0
+        trainer.run_step()
+    message = str(info.value)
+    assert message.startswith("Loss became infinite or NaN at iteration=0!")
+    for w in words:
+        assert w in message
