@@ -83,15 +83,13 @@ def test_gradcheck_float64():
     module = randomized_acm(8, 2, dtype=torch.float64).train()
     module.record_orthogonality = True
     x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
-    params = tuple(module.parameters())
+    names = [name for name, _ in module.named_parameters()]
 
     def run(x, *weights):
-        for p, w in zip(params, weights):
-            p.data = w
-        y = module(x)
+        y = torch.func.functional_call(module, dict(zip(names, weights)), (x,))
         return y, module.last_orthogonality
 
-    weights = tuple(p.detach().clone().requires_grad_(True) for p in params)
+    weights = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
     torch.autograd.gradcheck(run, (x, *weights), eps=1e-6, atol=1e-5)
 
 

@@ -9,6 +9,7 @@ from detectron2.utils.analysis import FlopCountAnalysis
 from detectron2.utils.visualizer import Visualizer
 
 from acm_d2 import ACM
+from acm_d2.modeling.flops import add_acm_flop_handles
 from conftest import acm_cfg
 
 # The R-18 FPN + ACM model of the synthetic data set (8 modules, G = 16), at 64 px, with a
@@ -48,18 +49,9 @@ def test_default_predictor_and_visualizer():
     assert drawn.shape == (48, 64, 3) and drawn.dtype == np.uint8
 
 
-def baddbmm_flop(inputs, outputs):
-    """fvcore has no handle for aten::baddbmm (ACM's fused products): one multiply-add per
-    element of batch1 @ batch2, like its bmm handle."""
-    from fvcore.nn.jit_handles import get_shape
-
-    batch, rows, inner = get_shape(inputs[1])
-    return batch * rows * inner * get_shape(inputs[2])[-1]
-
-
 def count_flops(model, inputs):
-    """Detectron2's FlopCountAnalysis (keys prefixed "model.") with the baddbmm handle."""
-    analysis = FlopCountAnalysis(model, inputs).set_op_handle("aten::baddbmm", baddbmm_flop)
+    """Detectron2's FlopCountAnalysis (keys prefixed "model.") with ACM's handles."""
+    analysis = add_acm_flop_handles(FlopCountAnalysis(model, inputs))
     return analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
 
 

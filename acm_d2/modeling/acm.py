@@ -7,16 +7,20 @@ Given X of shape (N, C, H, W), split into G channel groups:
 * P = sigmoid(conv2(relu(conv1(mu)))) with mu the spatial mean of X;
 * Y = P * (X + (K - Q)), and the orthogonality term (K . Q) / C per sample.
 
-The implementation uses two exact identities (see ``shared/ACM_SPEC.md``): softmax is
+The implementation uses exact identities (see ``shared/ACM_SPEC.md``): softmax is
 shift-invariant, so the attention maps are computed from X instead of X - mu; and the maps
 sum to one, so K - Q pools X directly and mu only enters the orthogonality term. The
-K and Q maps come from one grouped conv, and K, Q and mu from one batched product.
+computation is one autograd Function (:mod:`acm_d2.modeling.acm_function`): in forward, two
+reads of X for all reductions (the K and Q logits in one product; K, Q and mu pooled in one
+product) and one fused multiply-add for Y; for backward it saves only X and small vectors.
+Passes and measurements: docs/benchmark.md.
 """
 import logging
 
 import torch
 from torch import nn
 
+from .acm_function import ACMFunction, acm_attention_logits, acm_forward
 from .context_module import ResidualContextModule
 
 __all__ = ["ACM", "check_acm_channels"]
@@ -51,7 +55,8 @@ class ACM(ResidualContextModule):
     ``forward(x)`` maps X (N, C, H, W) to Y (N, C, H, W) in X's dtype. When
     ``record_orthogonality`` is True (set by :func:`acm_d2.attach_acm_orth_loss`), each
     training forward also stores ``last_orthogonality``: the per-sample (K . Q) / C with
-    mean-subtracted K and Q, shape (N,), float32, part of the autograd graph.
+    mean-subtracted K and Q, shape (N,), float32 (float64 for float64 X), part of the
+    autograd graph.
     """
 
     def __init__(self, channels: int, groups: int = 32):
@@ -81,35 +86,42 @@ class ACM(ResidualContextModule):
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"
 
+    def _weights(self):
+        return (
+            self.kq_logits.weight,
+            self.kq_logits.bias,
+            self.channel_gate[0].weight,
+            self.channel_gate[0].bias,
+            self.channel_gate[2].weight,
+            self.channel_gate[2].bias,
+        )
+
     def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) -> logits of the K and Q maps, (N, G, 2, H*W), float32."""
-        n, c, h, w = x.shape
-        weight = self.kq_logits.weight.float().view(self.groups, 2, c // self.groups)  # (G, 2, C/G)
-        grouped = x.float().reshape(n, self.groups, c // self.groups, h * w)  # (N, G, C/G, HW)
-        bias = self.kq_logits.bias.float().view(self.groups, 2, 1)  # (G, 2, 1)
-        return torch.matmul(weight, grouped) + bias  # (N, G, 2, HW)
+        """x: (N, C, H, W) -> logits of the K and Q maps, (N, G, 2, H*W), float32 (float64 for
+        float64 x)."""
+        n, _, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = acm_attention_logits(x, self.kq_logits.weight, self.kq_logits.bias, self.groups)
+        return logits.view(n, self.groups, 2, h * w)
 
     def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) -> the K and Q softmax maps, (N, G, 2, H, W); each sums to 1."""
         n, _, h, w = x.shape
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            maps = torch.softmax(self.attention_logits(x), dim=-1)  # (N, G, 2, HW)
+        maps = torch.softmax(self.attention_logits(x), dim=-1)  # (N, G, 2, HW)
         return maps.view(n, self.groups, 2, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        if c != self.channels:
+        if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"ACM built for {self.channels} channels got an input of shape {tuple(x.shape)}")
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            attention = torch.softmax(self.attention_logits(x), dim=-1)  # (N, G, 2, HW)
-            uniform = attention.new_full((n, self.groups, 1, h * w), 1.0 / (h * w))  # (N, G, 1, HW)
-            pooling = torch.cat([attention, uniform], dim=2)  # (N, G, 3, HW)
-            grouped = x.float().reshape(n, self.groups, c // self.groups, h * w)  # (N, G, C/G, HW)
-            pooled = torch.matmul(grouped, pooling.transpose(-1, -2))  # (N, G, C/G, 3)
-            k_raw, q_raw, mu = pooled.reshape(n, c, 3).unbind(dim=-1)  # 3 x (N, C)
-            gate = torch.sigmoid(self.channel_gate(mu.view(n, c, 1, 1)))  # (N, C, 1, 1)
-            shift = (k_raw - q_raw).view(n, c, 1, 1) * gate  # (N, C, 1, 1)
-            if self.training and self.record_orthogonality:
-                self.last_orthogonality = ((k_raw - mu) * (q_raw - mu)).mean(dim=1)  # (N,)
-        # Y = P * X + P * (K - Q): one fused pass over X, in X's dtype.
-        return torch.addcmul(shift.to(x.dtype), x, gate.to(x.dtype))
+        weights = self._weights()
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in weights))
+        if needs_grad and not torch.jit.is_tracing():
+            # One autograd Function: saves only X (and small vectors) for backward. A tracer
+            # (TracingAdapter, FlopCountAnalysis) gets the same computation as plain ops instead,
+            # which it can record and count.
+            y, orthogonality = ACMFunction.apply(x, *weights, self.groups)
+        else:
+            y, orthogonality = acm_forward(x, *weights, self.groups)
+        if self.training and self.record_orthogonality:
+            self.last_orthogonality = orthogonality  # (N,), float32 (float64 for float64 X)
+        return y

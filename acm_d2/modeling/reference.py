@@ -25,8 +25,9 @@ class _AttendModule(nn.Module):
         """x: (N, C, H, W) -> pooled (N, C, 1, 1)."""
         n, c, h, w = x.shape
         logits = self.map_gen(x).view(n, self.groups, 1, h * w)  # (N, G, 1, HW)
-        attention = torch.softmax(logits.float(), dim=-1)  # (N, G, 1, HW)
-        grouped = x.view(n, self.groups, c // self.groups, h * w).float()  # (N, G, C/G, HW)
+        wide = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 X
+        attention = torch.softmax(logits.to(wide), dim=-1)  # (N, G, 1, HW)
+        grouped = x.view(n, self.groups, c // self.groups, h * w).to(wide)  # (N, G, C/G, HW)
         pooled = torch.matmul(grouped, attention.transpose(-1, -2))  # (N, G, C/G, 1)
         return pooled.view(n, c, 1, 1)
 
@@ -69,7 +70,8 @@ class ReferenceACM(nn.Module):
         x_centered = x - mu  # (N, C, H, W)
         k = self.add_mod(x_centered)  # (N, C, 1, 1)
         q = self.sub_mod(x_centered)  # (N, C, 1, 1)
-        p = self.mul_mod(mu.float())  # (N, C, 1, 1)
-        y = (x.float() + k - q) * p  # (N, C, H, W)
+        wide = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 X
+        p = self.mul_mod(mu.to(wide))  # (N, C, 1, 1)
+        y = (x.to(wide) + k - q) * p  # (N, C, H, W)
         orthogonality = (k * q).sum(dim=(1, 2, 3)) / self.channels  # (N,)
         return y.to(x.dtype), orthogonality
