@@ -74,7 +74,8 @@ def attach_acm_orth_loss(model: nn.Module, weight: float) -> nn.Module:
         raise ValueError(
             f"MODEL.ACM.ORTH_LOSS_WEIGHT={weight} asks for the ACM orthogonality loss, but "
             f"{type(model).__name__} has no ACM module (is the backbone an ACM backbone, "
-            f"e.g. build_resnet_fpn_acm_backbone, with MODEL.ACM.MODULE 'ACM'?)"
+            f"e.g. build_resnet_fpn_acm_backbone, with MODEL.ACM.MODULE 'ACM'?); for a model "
+            f"without ACM (MODULE 'SE' or 'none') set MODEL.ACM.ORTH_LOSS_WEIGHT 0"
         )
     model.register_forward_hook(ACMOrthLoss(weight, modules))
     logger.info("loss_acm_orth: lambda=%s over %d ACM modules", weight, len(modules))
