@@ -30,8 +30,9 @@ product:
 
 Saved for backward: X itself (an input, no copy) and vectors of size N*C or N*G*2; nothing
 of the size of X or of the maps. Low-precision inputs (autocast) keep X, Y, grad X and the
-two products in X's dtype (like the authors' convs under autocast); the softmax, the pooled
-vectors, P and every reduction are float32 (float64 for float64 inputs).
+logits product in X's dtype (like the authors' convs under autocast); the pooling product
+runs on X widened to float32 (a transient copy, only for low-precision X), and the softmax,
+the pooled vectors, P and every reduction are float32 (float64 for float64 inputs).
 """
 from typing import Optional, Tuple
 
@@ -98,10 +99,11 @@ def _forward(x, kq_weight, w1, b1, w2, b2, groups, for_backward: bool = True):
         # log sum exp L = max L - log max A (the largest weight is 1 / sum exp(L - max L)).
         log_sum_exp = logits[:, :2].amax(dim=-1, keepdim=True) - maps[:, :2].amax(dim=-1, keepdim=True).log()
     del logits
-    # Pass 2 over X: [A_K; A_Q; 1/HW] @ X_g^T gives K_raw, Q_raw and mu in one product.
-    maps = maps.to(x.dtype) if maps.dtype != x.dtype else maps
-    pooled = torch.bmm(maps, xg.transpose(1, 2)).to(cd)  # (NG, 3, C/G)
-    uniform = maps[:1, 2, :1].to(cd) * hw  # (1, 1): 1 up to the rounding of 1/HW to X's dtype
+    # Pass 2 over X: [A_K; A_Q; 1/HW] @ X_g^T gives K_raw, Q_raw and mu in one product, in the
+    # compute dtype: low-precision X (autocast) is widened for it, so that the pooled vectors
+    # are float32 sums of float32 weights.
+    pooled = torch.bmm(maps, xg.transpose(1, 2).to(cd))  # (NG, 3, C/G)
+    uniform = maps[:1, 2, :1] * hw  # (1, 1): 1 up to the rounding of 1/HW
     pooled = pooled.view(n, groups, 3, c // groups).transpose(1, 2).reshape(n, 3, c)
     k_raw, q_raw, mu = pooled.unbind(dim=1)  # 3 x (N, C)
     mu = mu / uniform
