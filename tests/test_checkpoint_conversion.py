@@ -168,7 +168,7 @@ def test_errors_are_reported(kind, words):
 
 
 class _Opaque:
-    pass
+    """An arbitrary class: a pickle holding an instance needs full unpickling."""
 
 
 def test_load_checkpoint_file(tmp_path):

@@ -180,7 +180,7 @@ def test_missing_file(tmp_path, tiny_model):
 
 
 class _Arbitrary:  # a pickled object that weights_only refuses
-    pass
+    """An arbitrary class: a pickle holding an instance needs full unpickling."""
 
 
 def test_pth_with_pickled_objects_is_refused(tmp_path, tiny_model):
