@@ -166,6 +166,18 @@ def _poly_box(poly: np.ndarray):
     return (poly[:, 0].min(), poly[:, 1].min(), poly[:, 0].max(), poly[:, 1].max())
 
 
+def _place(poly, category, centre, objects, occupied, width, height, margin) -> bool:
+    """Add the object if its box lies inside the image and clear of ``occupied``; say if it did."""
+    box = _poly_box(poly)
+    if box[0] < 1 or box[1] < 1 or box[2] > width - 2 or box[3] > height - 2:
+        return False
+    if any(_boxes_overlap(box, b, margin) for b in occupied):
+        return False
+    occupied.append(box)
+    objects.append({"category": category, "polygon": poly, "centre": centre})
+    return True
+
+
 def generate_image(rng: np.random.Generator, size: int, tube_probability: float = 0.5, width: Optional[int] = None):
     """Draw one image of height ``size`` and width ``width`` (default ``size``).
 
@@ -200,14 +212,8 @@ def generate_image(rng: np.random.Generator, size: int, tube_probability: float 
             cx = mirror(rng.uniform(0.12 * sx, 0.30 * sx))
             cy = rng.uniform(0.14 * sy, 0.86 * sy)
             poly = _ellipse_polygon(cx, cy, ax, ay, rng.uniform(0, 180))
-            box = _poly_box(poly)
-            if box[0] < 1 or box[1] < 1 or box[2] > sx - 2 or box[3] > sy - 2:
-                continue
-            if any(_boxes_overlap(box, b, margin) for b in occupied):
-                continue
-            occupied.append(box)
-            objects.append({"category": lesion_name, "polygon": poly, "centre": (cx, cy)})
-            break
+            if _place(poly, lesion_name, (cx, cy), objects, occupied, sx, sy, margin):
+                break
 
     # Tube: on the far side, at least half the image away from every lesion centre.
     tube = None
@@ -249,14 +255,8 @@ def generate_image(rng: np.random.Generator, size: int, tube_probability: float 
             cx, cy = rng.uniform(np.array([0.1 * sx, 0.1 * sy]), np.array([0.9 * sx, 0.9 * sy]))
             sides = 4 if name == "square" else 3
             poly = _regular_polygon(cx, cy, radius, sides, rng.uniform(0, 2 * math.pi))
-            box = _poly_box(poly)
-            if box[0] < 1 or box[1] < 1 or box[2] > sx - 2 or box[3] > sy - 2:
-                continue
-            if any(_boxes_overlap(box, b, margin) for b in occupied):
-                continue
-            occupied.append(box)
-            objects.append({"category": name, "polygon": poly, "centre": (cx, cy)})
-            break
+            if _place(poly, name, (cx, cy), objects, occupied, sx, sy, margin):
+                break
 
     for obj in objects:
         colour = _PALETTE[int(rng.integers(len(_PALETTE)))]
