@@ -26,7 +26,8 @@ $(STAMP): setup.py Makefile
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PIP) install --quiet "numpy<2" "setuptools<81" fvcore iopath pycocotools \
 		opencv-python-headless Pillow matplotlib termcolor yacs tabulate cloudpickle tqdm \
-		tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black packaging pytest
+		tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black packaging pytest \
+		faster-coco-eval submitit
 	@if [ -n "$(DETECTRON2_SPEC)" ]; then \
 		echo "Installing Detectron2 from $(DETECTRON2_SPEC)"; \
 		$(PIP) install --no-build-isolation "$(DETECTRON2_SPEC)"; \

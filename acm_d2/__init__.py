@@ -9,22 +9,33 @@ except ImportError as e:  # pragma: no cover - exercised only without Detectron2
         "the pip spec)."
     ) from e
 
-from .config import add_acm_config
+from .config import add_acm_config, get_acm_cfg
 from .modeling import (
     ACM,
+    ACMGeneralizedRCNN,
+    ACMOrthLossMixin,
+    ACMPanopticFPN,
+    ACMRecorder,
     ACMResNet,
+    ACMRetinaNet,
     ReferenceACM,
     SqueezeExcitation,
-    attach_acm_orth_loss,
+    acm_modules,
     with_acm_orth_loss,
 )
 
 __all__ = [
     "ACM",
+    "ACMGeneralizedRCNN",
+    "ACMOrthLossMixin",
+    "ACMPanopticFPN",
+    "ACMRecorder",
     "ACMResNet",
+    "ACMRetinaNet",
     "ReferenceACM",
     "SqueezeExcitation",
+    "acm_modules",
     "add_acm_config",
-    "attach_acm_orth_loss",
+    "get_acm_cfg",
     "with_acm_orth_loss",
 ]

@@ -16,13 +16,16 @@ Detectron2's and passes through unchanged.
 :func:`convert_official_state_dict` converts a whole model's state dict,
 :func:`convert_official_acm_state_dict` the state dict of one module (keys ``add_mod.*``,
 ``sub_mod.*``, ``mul_mod.*``, as :class:`acm_d2.ReferenceACM` has them), and
-:func:`to_official_state_dict` goes back. :func:`load_checkpoint_file` reads a ``.pth``
-file without executing pickled code.
+:func:`to_official_state_dict` goes back. :func:`safe_torch_load` is how every acm-d2 tool
+and the trainer read a torch file (``weights_only=True``: no code stored in it runs), and
+:func:`load_checkpoint_file` reads the state dict of a ``.pth`` file with it.
 """
+import io
 import logging
 import os
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -33,10 +36,12 @@ __all__ = [
     "CheckpointConversionError",
     "CheckpointLoadError",
     "ConversionReport",
+    "UnsafeCheckpointError",
     "convert_official_acm_state_dict",
     "convert_official_state_dict",
     "extract_state_dict",
     "load_checkpoint_file",
+    "safe_torch_load",
     "to_official_state_dict",
 ]
 
@@ -79,6 +84,11 @@ class CheckpointConversionError(ValueError):
 
 class CheckpointLoadError(RuntimeError):
     """A checkpoint file cannot be read safely (or at all)."""
+
+
+class UnsafeCheckpointError(CheckpointLoadError):
+    """A torch file that stores Python objects besides tensors: loading it would unpickle them,
+    which can run code, so :func:`safe_torch_load` refuses it."""
 
 
 @dataclass
@@ -324,41 +334,117 @@ def extract_state_dict(checkpoint, source: str = "checkpoint") -> "OrderedDict[s
 
 def load_checkpoint_file(path: str, trust_pickle: bool = False) -> "OrderedDict[str, torch.Tensor]":
     """Read the model state dict of a ``.pth`` checkpoint (Detectron2's ``{"model": ...}``
-    format or a bare state dict), with ``torch.load(..., weights_only=True)``.
+    format or a bare state dict) with :func:`safe_torch_load`.
 
     A file that ``weights_only`` refuses (it pickles arbitrary Python objects, e.g. the LR
-    scheduler of a training checkpoint) raises :class:`CheckpointLoadError` saying so; pass
+    scheduler of a training checkpoint) raises :class:`UnsafeCheckpointError` saying so; pass
     ``trust_pickle=True`` only for a file from a source you trust, which then loads with
     ``weights_only=False`` (that runs code stored in the file). Detectron2 model-zoo
-    ``.pkl`` files are refused: load those with ``DetectionCheckpointer``, which knows their
-    formats.
+    ``.pkl`` files are refused: load those with :class:`acm_d2.engine.SafeCheckpointer`
+    (Detectron2's ``DetectionCheckpointer``), which knows their formats.
     """
     if str(path).endswith(".pkl"):
         message = (
             f"{path}: .pkl files (Detectron2 / Caffe2 model zoo) are pickles with their own formats; "
-            f"load them with detectron2.checkpoint.DetectionCheckpointer(model).load(path), not here"
+            f"load them with acm_d2.engine.SafeCheckpointer(model).load(path) (Detectron2's "
+            f"DetectionCheckpointer), not here"
         )
         logger.error(message)
         raise CheckpointLoadError(message)
-    if not os.path.isfile(path):
-        raise CheckpointLoadError(f"{path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+        checkpoint = safe_torch_load(path)
+    except UnsafeCheckpointError:
         if not trust_pickle:
-            message = (
-                f"{path} cannot be loaded with torch.load(weights_only=True): it stores Python "
-                f"objects besides tensors, and unpickling them could run arbitrary code. If the file "
-                f"comes from a source you trust, load it with trust_pickle=True "
-                f"(tools/convert_official_checkpoint.py --trust-pickle); the converted file then holds "
-                f"tensors only. Details: {str(e).splitlines()[0]}"
-            )
-            logger.error(message)
-            raise CheckpointLoadError(message) from e
+            raise
         logger.warning("%s: loading with weights_only=False (trust_pickle=True): the file may run code", path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
-        message = f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})"
-        logger.error(message)
-        raise CheckpointLoadError(message) from e
     return extract_state_dict(checkpoint, source=str(path))
+
+
+# torch >= 2.6 lets this variable turn weights_only off where a call does not pass it.
+_FORCE_UNSAFE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+class _WeightsOnlyProbe:
+    """A harmless class: ``torch.load(weights_only=True)`` must refuse a pickle of it."""
+
+
+def _weights_only_is_enforced() -> bool:
+    """Whether ``torch.load(..., weights_only=True)`` refuses a pickled object here and now
+    (an environment variable or an old torch could turn the check off)."""
+    buffer = io.BytesIO()
+    torch.save(_WeightsOnlyProbe(), buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return True
+    return False
+
+
+def safe_torch_load(path: str):
+    """``torch.load(path, map_location="cpu", weights_only=True)``: how acm-d2 reads every
+    checkpoint that is not a ``.pkl`` (``.pth``, ``.pyth``, any other name). Loading cannot
+    run code stored in the file.
+
+    Raises:
+        CheckpointLoadError: the file does not exist, is not a torch file (a text or HTML
+            file), or is truncated or corrupted; the message names the file and its size.
+            Also when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set and this version of torch
+            lets it override ``weights_only=True`` (checked by loading a harmless probe).
+        UnsafeCheckpointError: the file stores Python objects besides tensors.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointLoadError(f"{path}: no such file")
+    if os.environ.get(_FORCE_UNSAFE_ENV, "0").lower() in ("1", "y", "yes", "true") and not _weights_only_is_enforced():
+        message = (
+            f"Refusing to load {path}: {_FORCE_UNSAFE_ENV} is set and this torch ({torch.__version__}) "
+            f"then ignores weights_only=True, so loading could run code stored in the file. Unset "
+            f"{_FORCE_UNSAFE_ENV} (acm-d2 never needs it)."
+        )
+        logger.error(message)
+        raise CheckpointLoadError(message)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if _looks_like_torch_file(path):
+            message = (
+                f"{path} cannot be loaded with torch.load(weights_only=True): it stores Python objects "
+                f"besides tensors, and unpickling them could run arbitrary code. Checkpoints written "
+                f"by acm-d2 and files converted by tools/convert_official_checkpoint.py hold tensors "
+                f"only; if the file comes from a source you trust, convert it with "
+                f"tools/convert_official_checkpoint.py IN.pth OUT.pth --trust-pickle. "
+                f"Details: {_first_line(e)}"
+            )
+            logger.error(message)
+            raise UnsafeCheckpointError(message) from e
+        raise CheckpointLoadError(_unreadable_message(path, e)) from e
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise CheckpointLoadError(_unreadable_message(path, e)) from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else ""
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """torch.save's zip format, or the legacy pickle format (protocol 2+ starts with 0x80)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
+def _unreadable_message(path: str, error: BaseException) -> str:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        what = "a zip archive like torch.save's, but unreadable: probably truncated or corrupted"
+    elif head[:1] == b"\x80":
+        what = "a legacy pickle that cannot be read"
+    else:
+        what = "not a PyTorch or Detectron2 checkpoint (neither torch.save's zip format nor a model-zoo .pkl)"
+    return f"Cannot load checkpoint {path} ({size} bytes): {what}. ({type(error).__name__}: {_first_line(error)})"

@@ -1,7 +1,22 @@
-"""The config keys of acm-d2."""
-from detectron2.config import CfgNode as CN
+"""The config keys of acm-d2, and the one way tools build configs and models from config files."""
+import logging
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
-__all__ = ["add_acm_config"]
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = [
+    "ModelForInference",
+    "add_acm_config",
+    "build_model_from_config_file",
+    "check_registered_names",
+    "get_acm_cfg",
+    "load_model_for_inference",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def add_acm_config(cfg) -> None:
@@ -11,20 +26,25 @@ def add_acm_config(cfg) -> None:
     # the shortcut add: "ACM" (default), "SE" (squeeze-and-excitation, the paper's peer) or
     # "none" (the plain ResNet through the same code, for comparisons).
     cfg.MODEL.ACM.MODULE = "ACM"
+    # Which ACM (the paper's Table 2a): "P(X+(K-Q))" (the full module, default), "X+(K-Q)"
+    # (no channel re-calibration P), "P(X+K)" (no Q) or "PX" (P only). The last two have no
+    # orthogonality term: they need ORTH_LOSS_WEIGHT 0.
+    cfg.MODEL.ACM.VARIANT = "P(X+(K-Q))"
     # G: channel groups of every ACM; each group has its own K and Q attention map. Must divide
     # half the channels of every stage that gets ACM (all stages of R-50: 1..128). Paper: 32.
     cfg.MODEL.ACM.GROUPS = 32
-    # Stages that get a module, from "res2", "res3", "res4", "res5". Empty (default): every
-    # stage not frozen by MODEL.BACKBONE.FREEZE_AT, as the authors did (res3-res5 for
-    # FREEZE_AT=2: 13 modules in R-50). Naming a frozen stage is an error.
+    # Stages that get a module, from "res2", "res3", "res4", "res5", each at most once. Empty
+    # (default): every stage not frozen by MODEL.BACKBONE.FREEZE_AT, as the authors did
+    # (res3-res5 for FREEZE_AT=2: 13 modules in R-50). Naming a frozen stage is an error.
     cfg.MODEL.ACM.STAGES = []
-    # lambda of the orthogonality loss "loss_acm_orth" = lambda * |mean_batch sum_modules
-    # (K.Q)/C|; a finite number >= 0, 0 turns it off. Paper: 0.1. It is added by
-    # MODEL.META_ARCHITECTURE "WithACMOrthLoss" (see META_ARCHITECTURE below).
+    # lambda of the orthogonality loss "loss_acm_orth" = lambda * |mean over the batch of the
+    # sum over the chosen modules of (K.Q)/C|; a finite number >= 0, 0 turns it off. Paper:
+    # 0.1. The ACM meta-architectures (ACMGeneralizedRCNN, ACMRetinaNet, ACMPanopticFPN) add it.
     cfg.MODEL.ACM.ORTH_LOSS_WEIGHT = 0.1
-    # The meta-architecture that "WithACMOrthLoss" builds and adds the loss to: any name in
-    # META_ARCH_REGISTRY whose training forward returns a loss dict (GeneralizedRCNN, RetinaNet).
-    cfg.MODEL.ACM.META_ARCHITECTURE = "GeneralizedRCNN"
+    # The modules whose terms the loss sums: "all" (default; the paper's equation 6 sums over
+    # all modules) or "res5" (the authors' Detectron2 code, with which the paper's COCO models
+    # were trained: only the 3 modules of res5; the COCO configs use it). FPN models only.
+    cfg.MODEL.ACM.ORTH_LOSS_MODULES = "all"
     # Reduction ratio of the SE modules when MODULE is "SE".
     cfg.MODEL.ACM.SE_REDUCTION = 16
 
@@ -32,3 +52,124 @@ def add_acm_config(cfg) -> None:
     # process: a list of [name, json_file, image_root] triples; the names can then be used
     # in DATASETS.TRAIN / DATASETS.TEST.
     cfg.DATASETS.COCO_INSTANCES = []
+
+    # TEST.COCO_EVAL_IMPL: which COCO evaluator COCOEvaluator runs (see acm_d2/evaluation).
+    from .evaluation import add_evaluation_config
+
+    add_evaluation_config(cfg)
+
+
+def check_registered_names(cfg) -> None:
+    """Raise ValueError if MODEL.META_ARCHITECTURE or MODEL.BACKBONE.NAME names nothing
+    registered, listing the registered names."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    from . import modeling  # noqa: F401  (registers the ACM names)
+
+    for key, value, registry in (
+        ("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, META_ARCH_REGISTRY),
+        ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY),
+    ):
+        if value not in registry:
+            raise ValueError(f"{key} {value!r} is not registered; registered names: {sorted(name for name, _ in registry)}")
+
+
+def get_acm_cfg(config_file: str = "", opts: Sequence[str] = ()):
+    """Detectron2's config with the ACM keys, merged from a YAML file and ``KEY VALUE`` pairs.
+
+    The YAML file (and every ``_BASE_`` it names) is read with ``yaml.safe_load`` only: a file
+    with Python tags (``!!python/...``) is refused, never executed (Detectron2's own
+    ``merge_from_file`` falls back to an unsafe loader). The registered names it uses are
+    checked (:func:`check_registered_names`).
+    """
+    import yaml
+
+    cfg = get_cfg()
+    add_acm_config(cfg)
+    if config_file:
+        try:
+            cfg.merge_from_file(config_file, allow_unsafe=False)
+        except yaml.constructor.ConstructorError as e:
+            raise ValueError(
+                f"{config_file}: the YAML config has a tag that would construct Python objects ({e.problem}); "
+                f"acm-d2 reads configs with yaml.safe_load only. Remove the tag."
+            ) from e
+    cfg.merge_from_list(list(opts))
+    check_registered_names(cfg)
+    return cfg
+
+
+@dataclass
+class ModelForInference:
+    """What a tool needs to run a trained model on images.
+
+    Attributes:
+        model: the meta-architecture, in eval mode, on ``device``, with its weights loaded.
+        augmentation: the test-time resize (a Detectron2 Augmentation), None if the config has none.
+        input_format: "BGR" or "RGB".
+        test_datasets: the config's test dataset names.
+        weights: the file the weights came from ("" for none).
+    """
+
+    model: torch.nn.Module
+    augmentation: Optional[object]
+    input_format: str
+    test_datasets: List[str]
+    weights: str
+
+
+def _is_lazy(config_file: str) -> bool:
+    return str(config_file).endswith(".py")
+
+
+def build_model_from_config_file(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None):
+    """The model of a YAML config (``KEY VALUE`` overrides) or a LazyConfig ``.py`` file
+    (``key=value`` overrides), without weights, on ``device`` (default: the config's)."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.modeling import build_model
+
+    if _is_lazy(config_file):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        return instantiate(cfg.model).to(device or cfg.train.get("device", "cpu"))
+    cfg = get_acm_cfg(config_file, list(opts) + (["MODEL.DEVICE", device] if device else []))
+    return build_model(cfg)
+
+
+def load_model_for_inference(config_file: str, opts: Sequence[str] = (), device: Optional[str] = None) -> ModelForInference:
+    """Build the model of a YAML or LazyConfig config and load its weights (MODEL.WEIGHTS /
+    ``train.init_checkpoint``) with the safe checkpointer; a config asking for CUDA on a
+    machine without it runs on the CPU (with a warning). Without weights, a warning says the
+    model is randomly initialised."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.data import transforms as T
+
+    from .engine.checkpointer import SafeCheckpointer
+
+    if _is_lazy(config_file):
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        train = cfg.get("train", {})
+        wanted, weights = device or train.get("device", "cpu"), train.get("init_checkpoint", "")
+        augmentation, datasets = None, []
+        if "dataloader" in cfg and "test" in cfg.dataloader:
+            augmentation = T.AugmentationList(instantiate(cfg.dataloader.test.mapper.augmentations))
+            names = cfg.dataloader.test.dataset.names
+            datasets = [names] if isinstance(names, str) else list(names)
+        model = instantiate(cfg.model)
+        input_format = getattr(model, "input_format", "BGR")
+    else:
+        cfg = get_acm_cfg(config_file, opts)
+        wanted, weights = device or cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS
+        augmentation = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        input_format, datasets = cfg.INPUT.FORMAT, list(cfg.DATASETS.TEST)
+        cfg.MODEL.DEVICE = "cpu"
+        from detectron2.modeling import build_model
+
+        model = build_model(cfg)
+    if str(wanted).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("The config asks for device %s, which this machine does not have: running on the CPU", wanted)
+        wanted = "cpu"
+    if weights:
+        SafeCheckpointer(model).load(weights)
+    else:
+        logger.warning("No weights given (MODEL.WEIGHTS / train.init_checkpoint): the model is randomly initialised")
+    return ModelForInference(model.to(wanted).eval(), augmentation, input_format, datasets, weights)

@@ -11,12 +11,15 @@ What is computed, for every ACM module of a model and every image:
   overlap score is the largest of its 2G values; the paper showed the module whose maps
   overlap the lesion most.
 
-The inputs of the ACM modules (the outputs of their block's conv3 + norm) are captured with
-forward hooks while the model's backbone runs on the preprocessed image, so nothing in the
-model changes. :func:`attention_grid` draws a module's maps over the image.
+The inputs of the ACM modules (the outputs of their block's last conv + norm) are taken from
+an :class:`acm_d2.ACMRecorder` while the model's backbone runs on the preprocessed image.
+:func:`attention_grid` draws a module's maps over the image, :func:`summarize_attention`
+gives the numbers of several images, and :func:`annotation_mask` the region of a dataset
+record's instances.
 """
 import logging
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,63 +31,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling.acm import ACM
+from .modeling.recorder import ACMRecorder
+from .modeling.resnet import acm_modules
 
 __all__ = [
-    "ACMInputRecorder",
     "ImageAttention",
-    "acm_modules",
+    "annotation_mask",
     "attention_grid",
     "attention_on_image",
+    "dataset_images",
     "kq_cosine",
     "mask_overlap",
     "maps_to_image",
     "rank_modules",
+    "summarize_attention",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def acm_modules(model: nn.Module) -> "OrderedDict[str, ACM]":
-    """The ACM modules of ``model`` in forward order, by block name ("res3.0", "res5.2").
-
-    The name is the module's qualified name without the ``.acm`` it is registered as and
-    without the path to the ResNet (``backbone.bottom_up.``)."""
-    found: "OrderedDict[str, ACM]" = OrderedDict()
-    for name, module in model.named_modules():
-        if isinstance(module, ACM):
-            short = name[: -len(".acm")] if name.endswith(".acm") else name
-            short = short.rsplit("bottom_up.", 1)[-1]
-            found[short] = module
-    return found
-
-
-class ACMInputRecorder:
-    """Context manager: records the input of every ACM module of a model (forward hooks).
-
-    ``inputs[name]`` is the list of tensors (N, C, H, W) the module ``name`` received,
-    detached, one per forward call inside the ``with`` block.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.modules = acm_modules(model)
-        self.inputs: Dict[str, List[torch.Tensor]] = {name: [] for name in self.modules}
-        self._handles = []
-
-    def __enter__(self) -> "ACMInputRecorder":
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._recorder(name)))
-        return self
-
-    def _recorder(self, name: str):
-        def hook(module, inputs, output):
-            self.inputs[name].append(inputs[0].detach())
-
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 @torch.no_grad()
@@ -92,7 +55,9 @@ def kq_cosine(module: ACM, x: torch.Tensor) -> torch.Tensor:
     """Cosine of K and Q of ``module`` on input x (N, C, H, W): shape (N,).
 
     K and Q are the attention-pooled vectors with the spatial mean mu subtracted (the
-    vectors of the orthogonality term (K . Q) / C)."""
+    vectors of the orthogonality term (K . Q) / C). Needs a variant with K and Q."""
+    if module.variant not in ("P(X+(K-Q))", "X+(K-Q)"):
+        raise ValueError(f"ACM variant {module.variant!r} has no K and Q to compare")
     n, c, h, w = x.shape
     groups = module.groups
     maps = module.attention_maps(x).float().reshape(n, groups, 2, h * w)  # (N, G, 2, HW)
@@ -171,11 +136,12 @@ def attention_on_image(
     was_training = model.training
     model.eval()
     try:
-        with ACMInputRecorder(model) as recorder:
+        with ACMRecorder() as recorder:
             images = model.preprocess_image([{"image": tensor, "height": height, "width": width}])
             model.backbone(images.tensor)
     finally:
         model.train(was_training)
+    inputs = {call.module: call.input for call in recorder.calls}
     input_size = tuple(int(s) for s in tensor.shape[-2:])
     padded_size = tuple(int(s) for s in images.tensor.shape[-2:])
     result = ImageAttention((height, width), input_size, padded_size)
@@ -184,13 +150,14 @@ def attention_on_image(
         resized = cv2.resize((mask > 0).astype(np.float32), (input_size[1], input_size[0]), interpolation=cv2.INTER_AREA)
         padded_mask = torch.zeros(padded_size)
         padded_mask[: input_size[0], : input_size[1]] = torch.from_numpy(resized)
-    for name, module in recorder.modules.items():
-        if not recorder.inputs[name]:
+    for name, module in acm_modules(model).items():
+        if module not in inputs or module.kq_logits is None:
             continue
-        x = recorder.inputs[name][-1]
-        maps = module.attention_maps(x)[0].float().cpu()  # (G, 2, h_f, w_f)
+        x = inputs[module]
+        maps = module.attention_maps(x)[0].float().cpu()  # (G, 2, h_f, w_f) (G, 1, ... for "P(X+K)")
         result.maps[name] = maps
-        result.cosine[name] = float(kq_cosine(module, x)[0])
+        if module.variant in ("P(X+(K-Q))", "X+(K-Q)"):
+            result.cosine[name] = float(kq_cosine(module, x)[0])
         if padded_mask is not None:
             result.overlap[name] = mask_overlap(maps, padded_mask)
     return result
@@ -205,13 +172,13 @@ def rank_modules(results: Sequence[ImageAttention]) -> List[Dict]:
     for name in names:
         best = [float(r.overlap[name].max()) for r in results if name in r.overlap]
         first = results[0].overlap[name]
-        index = int(first.argmax())
+        index, per_group = int(first.argmax()), first.shape[1]
         ranking.append(
             {
                 "block": name,
                 "overlap": sum(best) / len(best),
-                "best_group": index // 2,
-                "best_map": "KQ"[index % 2],
+                "best_group": index // per_group,
+                "best_map": "KQ"[index % per_group],
             }
         )
     return sorted(ranking, key=lambda r: -r["overlap"])
@@ -255,12 +222,13 @@ def attention_grid(
     tile_h, tile_w = _tile_size(attention.image_size, max_tile)
     upsampled = maps_to_image(maps, attention.padded_size, attention.input_size, (tile_h, tile_w)).numpy()
     base = cv2.resize(image, (tile_w, tile_h), interpolation=cv2.INTER_AREA)
-    columns = 2 * min(groups, groups_per_row)
+    per_group = maps.shape[1]  # K and Q, or K alone for "P(X+K)"
+    columns = per_group * min(groups, groups_per_row)
     rows = math.ceil(groups / groups_per_row)
     canvas = np.zeros((rows * tile_h, columns * tile_w, 3), dtype=np.uint8)
     font_scale = max(0.3, tile_w / 256.0)
     for g in range(groups):
-        for kind in range(2):
+        for kind in range(per_group):
             heat = upsampled[g, kind]
             heat = heat / max(float(heat.max()), 1e-12)
             colour = cv2.applyColorMap(np.clip(heat * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
@@ -271,6 +239,80 @@ def attention_grid(
                     0.4 * font_scale, (255, 255, 255), 1, cv2.LINE_AA,
                 )
             row, col = divmod(g, groups_per_row)
-            y, x = row * tile_h, (2 * col + kind) * tile_w
+            y, x = row * tile_h, (per_group * col + kind) * tile_w
             canvas[y : y + tile_h, x : x + tile_w] = tile
     return canvas
+
+
+def annotation_mask(record: Dict, size: Tuple[int, int]) -> np.ndarray:
+    """The union of the instances of a Detectron2 dataset record as a bool (H, W) mask:
+    their masks (polygons or RLE) where they have one, else their boxes."""
+    from detectron2.structures import BoxMode, polygons_to_bitmask
+    from pycocotools import mask as mask_util
+
+    height, width = size
+    mask = np.zeros((height, width), dtype=bool)
+    for ann in record.get("annotations", []):
+        segm = ann.get("segmentation")
+        if isinstance(segm, list) and segm:
+            mask |= polygons_to_bitmask(segm, height, width)
+        elif isinstance(segm, dict):
+            rle = mask_util.frPyObjects(segm, height, width) if isinstance(segm.get("counts"), list) else segm
+            mask |= mask_util.decode(rle).astype(bool)
+        else:
+            x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+            mask[int(y0) : int(np.ceil(y1)), int(x0) : int(np.ceil(x1))] = True
+    return mask
+
+
+def dataset_images(datasets: Sequence[str], count: int, with_masks: bool = False) -> List[Tuple[str, np.ndarray, Optional[np.ndarray]]]:
+    """[(file stem, BGR image, union mask of its instances or None)] of the first ``count``
+    images of the first of ``datasets`` (a built-in synthetic one is written first if needed)."""
+    from detectron2.data import DatasetCatalog
+
+    from .data import ensure_synthetic_dataset
+
+    if not datasets:
+        raise ValueError("no images given and the config names no test dataset (DATASETS.TEST)")
+    ensure_synthetic_dataset([datasets[0]])
+    items = []
+    for record in DatasetCatalog.get(datasets[0])[:count]:
+        image = cv2.imread(record["file_name"], cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"cannot read image {record['file_name']} of dataset {datasets[0]}")
+        mask = annotation_mask(record, image.shape[:2]) if with_masks else None
+        items.append((os.path.splitext(os.path.basename(record["file_name"]))[0], image, mask))
+    return items
+
+
+def summarize_attention(results: Sequence[ImageAttention], block: str, groups: int) -> Tuple[Dict, List[str]]:
+    """The numbers of several images: (a JSON-able summary, the lines of a printed table).
+
+    The summary has, per ACM module, the mean |cosine(K, Q)| over the images (the paper's
+    "similarity": 0.1113 with lambda 0, 0.0394 with lambda 0.1 on its data), their mean over
+    the modules, and, for results computed with masks, the modules ranked by overlap."""
+    names = list(results[0].maps) if results else []
+    similarity = {
+        name: float(np.mean([abs(r.cosine[name]) for r in results if name in r.cosine]))
+        for name in names
+        if any(name in r.cosine for r in results)
+    }
+    summary = {
+        "block": block,
+        "groups": groups,
+        "mean_abs_cosine_kq": similarity,
+        "mean_abs_cosine_kq_all_modules": float(np.mean(list(similarity.values()))) if similarity else math.nan,
+    }
+    if results and results[0].overlap:
+        summary["ranking_by_overlap"] = rank_modules(results)
+    ranked = "ranking_by_overlap" in summary
+    lines = [f"{'module':<10} {'mean |cos(K,Q)|':>16}" + (f" {'overlap':>8}  best map" if ranked else "")]
+    for row in summary.get("ranking_by_overlap") or [{"block": n} for n in similarity]:
+        line = f"{row['block']:<10} {similarity.get(row['block'], math.nan):>16.4f}"
+        if ranked:
+            line += f" {row['overlap']:>8.4f}  g{row['best_group']} {row['best_map']}"
+        lines.append(line)
+    lines.append(
+        f"mean over modules: {summary['mean_abs_cosine_kq_all_modules']:.4f} (paper: 0.1113 with lambda 0, 0.0394 with 0.1)"
+    )
+    return summary, lines

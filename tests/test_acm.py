@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from acm_d2 import ACM
+from acm_d2 import ACM, ACMRecorder, ReferenceACM
 
 
-def literal_acm(x, w_k, b_k, w_q, b_q, w1, b1, w2, b2, groups):
+def literal_acm(x, w_k, b_k, w_q, b_q, w1, b1, w2, b2, groups, use_k=True, use_q=True):
     """Eq. of the paper, one group and one sample at a time.
 
     x: (N, C, H, W); w_k, w_q: (G, C/G) and b_k, b_q: (G,) the 1x1 convs of K and Q;
     w1: (C/2, C/G), b1: (C/2,), w2: (C, C/(2G)), b2: (C,) the grouped convs of P.
+    ``use_k`` / ``use_q`` False drop K / Q (the paper's ablation variants).
     Returns Y (N, C, H, W) and the orthogonality term (N,).
     """
     n, c, h, w = x.shape
@@ -36,28 +37,39 @@ def literal_acm(x, w_k, b_k, w_q, b_q, w1, b1, w2, b2, groups):
         for g in range(groups):
             p[g * cg:(g + 1) * cg] = w2[g * cg:(g + 1) * cg] @ hidden[g * hg:(g + 1) * hg] + b2[g * cg:(g + 1) * cg]
         p = torch.sigmoid(p)
+        k = k if use_k else torch.zeros_like(k)
+        q = q if use_q else torch.zeros_like(q)
         ys.append(p[:, None, None] * (xi + (k - q)[:, None, None]))
         orth.append((k * q).sum() / c)
     return torch.stack(ys), torch.stack(orth)
 
 
 def literal_from_module(module: ACM, x):
-    """The literal equations with the module's weights, in float64 (then cast back to x's dtype)."""
-    g = module.groups
-    w = module.kq_logits.weight.detach().double().view(g, 2, -1)
-    b = module.kq_logits.bias.detach().double().view(g, 2)
-    conv1, conv2 = module.channel_gate[0], module.channel_gate[2]
-    y, orth = literal_acm(
-        x.double(), w[:, 0], b[:, 0], w[:, 1], b[:, 1],
-        conv1.weight.detach().double().flatten(1), conv1.bias.detach().double(),
-        conv2.weight.detach().double().flatten(1), conv2.bias.detach().double(), g,
-    )
-    return y.to(x.dtype), orth.float()
+    """The literal equations of the module's variant with its weights, in float64 (Y cast back
+    to x's dtype): the full module's equations with P = 1 without a gate, Q = 0 without Q,
+    and K = Q = 0 without maps."""
+    g, c = module.groups, module.channels
+    zeros_w, zeros_b = torch.zeros(g, c // g, dtype=torch.float64), torch.zeros(g, dtype=torch.float64)
+    w_k = w_q = zeros_w
+    if module.kq_logits is not None:
+        w = module.kq_logits.weight.detach().double().view(g, -1, c // g)
+        w_k = w[:, 0]
+        w_q = w[:, 1] if w.shape[1] == 2 else zeros_w
+    if module.channel_gate is not None:
+        conv1, conv2 = module.channel_gate[0], module.channel_gate[2]
+        gate = (conv1.weight.detach().double().flatten(1), conv1.bias.detach().double(),
+                conv2.weight.detach().double().flatten(1), conv2.bias.detach().double())
+    else:  # P = sigmoid(+inf) = 1
+        gate = (torch.zeros(c // 2, c // g, dtype=torch.float64), torch.zeros(c // 2, dtype=torch.float64),
+                torch.zeros(c, c // (2 * g), dtype=torch.float64), torch.full((c,), float("inf"), dtype=torch.float64))
+    y, orth = literal_acm(x.double(), w_k, zeros_b, w_q, zeros_b, *gate, g, use_k=module.kq_logits is not None,
+                          use_q=module.variant in ("P(X+(K-Q))", "X+(K-Q)"))
+    return y.to(x.dtype), orth.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
-def randomized_acm(channels, groups, dtype=torch.float32, seed=0):
+def randomized_acm(channels, groups, dtype=torch.float32, seed=0, variant="P(X+(K-Q))"):
     torch.manual_seed(seed)
-    module = ACM(channels, groups=groups).to(dtype)
+    module = ACM(channels, groups=groups, variant=variant).to(dtype)
     with torch.no_grad():  # non-zero biases so that every term of the equations matters
         for p in module.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -67,27 +79,48 @@ def randomized_acm(channels, groups, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("groups", [1, 8, 32])
 def test_matches_literal_equations(groups):
     module = randomized_acm(64, groups).train()
-    module.record_orthogonality = True
     x = torch.randn(3, 64, 5, 7) + 0.5
-    y = module(x)
+    y, orthogonality = module.forward_with_orthogonality(x)
     y_lit, orth_lit = literal_from_module(module, x)
     assert y.shape == x.shape
     torch.testing.assert_close(y, y_lit, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(module.last_orthogonality, orth_lit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(orthogonality, orth_lit, atol=1e-5, rtol=1e-5)
     # per-sample results differ (the module does not mix samples)
-    assert not torch.allclose(module.last_orthogonality[0], module.last_orthogonality[1])
+    assert not torch.allclose(orthogonality[0], orthogonality[1])
     torch.testing.assert_close(module(x[1:2]), y[1:2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant, parameters", [
+    ("P(X+(K-Q))", {"kq_logits.weight": (16, 4, 1, 1), "channel_gate.0.weight": (16, 4, 1, 1)}),
+    ("X+(K-Q)", {"kq_logits.weight": (16, 4, 1, 1)}),
+    ("P(X+K)", {"kq_logits.weight": (8, 4, 1, 1), "channel_gate.0.weight": (16, 4, 1, 1)}),
+    ("PX", {"channel_gate.0.weight": (16, 4, 1, 1)}),
+])
+def test_variants_match_their_literal_equations(variant, parameters):
+    module = randomized_acm(32, 8, variant=variant).train()
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items() if k.endswith("0.weight") or k.startswith("kq")}
+    assert shapes == parameters
+    x = torch.randn(2, 32, 4, 5, requires_grad=True)
+    y, orthogonality = module.forward_with_orthogonality(x)
+    y_lit, orth_lit = literal_from_module(module, x.detach())
+    torch.testing.assert_close(y, y_lit, atol=1e-5, rtol=1e-5)
+    if variant in ("P(X+(K-Q))", "X+(K-Q)"):
+        torch.testing.assert_close(orthogonality, orth_lit, atol=1e-5, rtol=1e-5)
+    else:
+        assert orthogonality is None
+    y.sum().backward()  # every parameter takes part (DDP needs that)
+    assert all(p.grad is not None for p in module.parameters())
 
 
 def test_gradcheck_float64():
     module = randomized_acm(8, 2, dtype=torch.float64).train()
-    module.record_orthogonality = True
     x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
     names = [name for name, _ in module.named_parameters()]
 
     def run(x, *weights):
-        y = torch.func.functional_call(module, dict(zip(names, weights)), (x,))
-        return y, module.last_orthogonality
+        with ACMRecorder() as recorder:
+            y = torch.func.functional_call(module, dict(zip(names, weights)), (x,))
+        return y, recorder.calls[0].orthogonality
 
     weights = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
     torch.autograd.gradcheck(run, (x, *weights), eps=1e-6, atol=1e-5)
@@ -95,7 +128,6 @@ def test_gradcheck_float64():
 
 def test_gradients_match_literal():
     module = randomized_acm(16, 4).train()
-    module.record_orthogonality = True
     x = torch.randn(2, 16, 4, 6, requires_grad=True)
     upstream = torch.randn(2, 16, 4, 6)
     (module(x) * upstream).sum().backward()
@@ -109,8 +141,9 @@ def test_gradients_match_literal():
 def test_initialisation_as_authors():
     torch.manual_seed(0)
     module = ACM(512, groups=32)
+    assert module.kq_logits.bias is None  # softmax is shift-invariant: the paper's bias changes nothing
     for conv in (module.kq_logits, module.channel_gate[0], module.channel_gate[2]):
-        assert torch.count_nonzero(conv.bias) == 0
+        assert conv.bias is None or torch.count_nonzero(conv.bias) == 0
         fan_out = conv.out_channels  # 1x1 kernels
         expected_std = (2.0 / fan_out) ** 0.5
         assert abs(conv.weight.std().item() - expected_std) / expected_std < 0.1
@@ -126,20 +159,51 @@ def test_attention_maps_sum_to_one():
     torch.testing.assert_close(maps.sum(dim=(3, 4)), torch.ones(2, 8, 2))
 
 
-def test_no_orthogonality_recorded_unless_asked():
+def test_reports_to_the_recorder_only_and_keeps_no_state():
     module = randomized_acm(16, 4).train()
-    module(torch.randn(1, 16, 3, 3))
-    assert module.last_orthogonality is None
+    x = torch.randn(2, 16, 3, 3)
+    before = dict(vars(module))
+    module(x)  # no recorder: nothing is kept anywhere
+    with ACMRecorder() as outer:
+        module(x)
+        with ACMRecorder() as inner:
+            module(x[:1])
+        module(x)
+    assert [c.input.shape[0] for c in inner.calls] == [1]
+    assert [c.input.shape[0] for c in outer.calls] == [2, 1, 2]
+    assert outer.calls[0].module is module
+    torch.testing.assert_close(outer.calls[0].orthogonality, module.forward_with_orthogonality(x)[1])
+    assert dict(vars(module)).keys() == before.keys()
+
+
+def test_loads_older_layouts():
+    """The authors' standalone module (ReferenceACM's keys) and acm-d2's version 1 (with a
+    kq_logits bias) load into ACM and compute the same outputs."""
+    torch.manual_seed(0)
+    reference = ReferenceACM(32, groups=8)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    module = ACM(32, groups=8)
+    module.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 32, 4, 4)
+    y_ref, orth_ref = reference(x)
+    y, orth = module.forward_with_orthogonality(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(orth, orth_ref, atol=1e-6, rtol=1e-5)
+    version1 = dict(module.state_dict(), **{"kq_logits.bias": torch.randn(16)})
+    ACM(32, groups=8).load_state_dict(version1)  # strict: the bias is dropped, nothing else is missing
 
 
 @pytest.mark.parametrize(
-    "channels, groups, message",
+    "channels, groups, variant, message",
     [
-        (64, 0, "MODEL.ACM.GROUPS must be an integer >= 1, got 0"),
-        (64, 64, "channels=64, groups=64"),
-        (96, 32, "channels=96, groups=32"),
+        (64, 0, "P(X+(K-Q))", "MODEL.ACM.GROUPS must be an integer >= 1, got 0"),
+        (64, 64, "P(X+(K-Q))", "channels=64, groups=64"),
+        (96, 32, "P(X+(K-Q))", "channels=96, groups=32"),
+        (64, 8, "P(X+Q)", "MODEL.ACM.VARIANT must be one of ['P(X+(K-Q))', 'X+(K-Q)', 'P(X+K)', 'PX'], got 'P(X+Q)'"),
     ],
 )
-def test_bad_groups(channels, groups, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ACM(channels, groups=groups)
+def test_bad_settings(channels, groups, variant, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]").replace("+", r"\+")):
+        ACM(channels, groups=groups, variant=variant)

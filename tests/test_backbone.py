@@ -1,5 +1,6 @@
 """ACM placement in Detectron2's ResNets: counts, shapes, parameter names, pretrained weights."""
 import pickle
+import re
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
-from acm_d2 import ACM, SqueezeExcitation
+from acm_d2 import ACM, ACMRecorder, SqueezeExcitation
+from acm_d2.modeling.blocks import ContextBottleneckBlock
 from acm_d2.modeling.resnet import ACMResNet
 from conftest import acm_cfg
 
@@ -50,17 +52,29 @@ def test_placement_after_last_conv_norm_before_shortcut():
     torch.manual_seed(0)
     backbone = build("MODEL.RESNETS.DEPTH", "50", "MODEL.ACM.STAGES", "['res3']").eval()
     block = backbone.bottom_up.res3[1]
-    seen = {}
-    block.conv3.register_forward_hook(lambda m, i, o: seen.setdefault("conv3", o))  # runs after ACM's hook
-    block.acm.register_forward_pre_hook(lambda m, i: seen.setdefault("acm_in", i[0]))
+    assert isinstance(block, ContextBottleneckBlock) and block.se is None
     x = torch.randn(1, 512, 8, 8)
-    with torch.no_grad():
+    with torch.no_grad(), ACMRecorder() as recorder:
         out = block(x)
-        conv3_out = block.conv3.norm(torch.nn.functional.conv2d(
-            torch.relu(block.conv2(torch.relu(block.conv1(x)))), block.conv3.weight))
+    with torch.no_grad():
+        conv3_out = block.conv3(torch.relu(block.conv2(torch.relu(block.conv1(x)))))  # conv + norm
         expected = torch.relu(block.acm(conv3_out) + x)
-    torch.testing.assert_close(seen["acm_in"], conv3_out)
+    assert len(recorder.calls) == 1 and recorder.calls[0].module is block.acm
+    torch.testing.assert_close(recorder.calls[0].input, conv3_out)
     torch.testing.assert_close(out, expected)
+
+
+def test_acm_survives_replacing_conv3():
+    """A tool that swaps conv3 (conv + BN fusion, quantization, pruning) keeps ACM: the block's
+    forward calls it, not a hook on conv3."""
+    backbone = build("MODEL.RESNETS.DEPTH", "50", "MODEL.ACM.STAGES", "['res3']").eval()
+    block = backbone.bottom_up.res3[0]
+    fused = torch.nn.Conv2d(128, 512, 1)
+    block.conv3 = fused
+    with torch.no_grad(), ACMRecorder() as recorder:
+        block(torch.randn(1, 256, 8, 8))
+    assert [c.module for c in recorder.calls] == [block.acm]
+    assert recorder.calls[0].input.shape == (1, 512, 4, 4)
 
 
 def test_shapes_and_names_equal_the_plain_backbone():
@@ -146,5 +160,20 @@ def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path):
     for k, v in acm_init.items():
         torch.testing.assert_close(loaded[k], v, msg=k)  # ACM keeps its initialisation
     missing = set(incompatible.missing_keys)
-    assert len(missing) == 13 * 6 and all(".acm." in k for k in missing)
+    assert len(missing) == 13 * 5 and all(".acm." in k for k in missing)  # kq_logits.weight, channel_gate.{0,2}.*
     assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.ACM.STAGES", "['res4', 'res4']"], "MODEL.ACM.STAGES lists ['res4'] more than once"),
+        (["MODEL.BACKBONE.FREEZE_AT", "5"], "MODEL.BACKBONE.FREEZE_AT=5 freezes every stage of this backbone"),
+        (["MODEL.ACM.STAGES", "['res2']"], "MODEL.ACM.STAGES asks for ['res2'], but MODEL.BACKBONE.FREEZE_AT=2 freezes them"),
+        (["MODEL.ACM.STAGES", "['res6']"], "MODEL.ACM.STAGES has ['res6'], which this backbone does not have"),
+        (["MODEL.ACM.MODULE", "CBAM"], "MODEL.ACM.MODULE must be one of ['ACM', 'SE', 'none'], got 'CBAM'"),
+    ],
+)
+def test_placement_errors_name_the_setting(opts, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(*opts)

@@ -11,15 +11,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from acm_d2 import ACM, ReferenceACM
-from acm_d2.checkpoint import (
-    CheckpointConversionError,
-    CheckpointLoadError,
-    convert_official_acm_state_dict,
-    convert_official_state_dict,
-    load_checkpoint_file,
-    to_official_state_dict,
-)
+from detectron2.engine import DefaultPredictor
+
+from acm_d2 import ACM, ReferenceACM, acm_modules
+from acm_d2.authors_layout import CheckpointConversionError, convert_official_state_dict, to_official_state_dict
+from acm_d2.checkpoint import CheckpointLoadError, load_checkpoint_file
 from conftest import acm_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +46,7 @@ def official_state_dict(model, seed=0):
     """The model's state dict with every ACM replaced by random tensors in the authors' layout."""
     generator = torch.Generator().manual_seed(seed)
     result = OrderedDict()
-    blocks = model.backbone.bottom_up.context_modules_by_block
+    blocks = acm_modules(model)
     done = set()
     for key, value in model.state_dict().items():
         if ".acm." not in key:
@@ -74,26 +70,37 @@ def tiny_model():
     return build_model(acm_cfg(TINY_CONFIG)).eval()
 
 
-def test_whole_model_converts_and_loads_without_acm_gaps(r50_model):
-    official = official_state_dict(r50_model)
-    assert "backbone.bottom_up.res3.0.module.add_mod.map_gen.0.weight" in official
-    assert official["backbone.bottom_up.res3.0.module.add_mod.map_gen.0.weight"].shape == (32, 16, 1, 1)
-    converted, report = convert_official_state_dict(official)
-    assert report.ok and len(report.converted) == 13
-    assert report.converted["backbone.bottom_up.res5.2"] == (2048, 32)
+def check_loaded_from_official(model, official):
+    """Every ACM of ``model`` holds the authors' tensors: rows 2g of kq_logits are K
+    (add_mod), rows 2g + 1 are Q (sub_mod); the gate is mul_mod; the map biases are gone."""
+    for block, acm in acm_modules(model, qualified=True).items():
+        prefix = f"{block}.module."
+        assert torch.equal(acm.kq_logits.weight[0::2], official[prefix + "add_mod.map_gen.0.weight"])
+        assert torch.equal(acm.kq_logits.weight[1::2], official[prefix + "sub_mod.map_gen.0.weight"])
+        assert torch.equal(acm.channel_gate[0].bias, official[prefix + "mul_mod.feature_gen.0.bias"])
+        assert torch.equal(acm.channel_gate[2].weight, official[prefix + "mul_mod.feature_gen.2.weight"])
+    plain = {k: v for k, v in official.items() if ".module." not in k}
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain.items())
 
-    incompatible = DetectionCheckpointer(r50_model)._load_model({"model": dict(converted)})
-    assert incompatible.missing_keys == []
-    assert incompatible.unexpected_keys == []
-    assert incompatible.incorrect_shapes == []
-    acm = r50_model.backbone.bottom_up.res4[3].acm
-    prefix = "backbone.bottom_up.res4.3.module."
-    # interleaved per group: rows 2g are K (add_mod), rows 2g + 1 are Q (sub_mod)
-    assert torch.equal(acm.kq_logits.weight[0::2], official[prefix + "add_mod.map_gen.0.weight"])
-    assert torch.equal(acm.kq_logits.weight[1::2], official[prefix + "sub_mod.map_gen.0.weight"])
-    assert torch.equal(acm.kq_logits.bias[1::2], official[prefix + "sub_mod.map_gen.0.bias"])
-    assert torch.equal(acm.channel_gate[2].weight, official[prefix + "mul_mod.feature_gen.2.weight"])
-    assert torch.equal(to_official_state_dict(converted)[prefix + "add_mod.map_gen.0.bias"], official[prefix + "add_mod.map_gen.0.bias"])
+
+def test_every_loader_converts_the_authors_layout(tmp_path, r50_model):
+    """model.load_state_dict, Detectron2's DetectionCheckpointer and DefaultPredictor: one loader."""
+    official = official_state_dict(r50_model)
+    assert official["backbone.bottom_up.res3.0.module.add_mod.map_gen.0.weight"].shape == (32, 16, 1, 1)
+    incompatible = r50_model.load_state_dict(official, strict=True)  # nothing missing, nothing unexpected
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    check_loaded_from_official(r50_model, official)
+
+    tiny = build_model(acm_cfg(TINY_CONFIG))
+    official = official_state_dict(tiny, seed=5)
+    path = tmp_path / "authors.pth"
+    torch.save({"model": official, "__author__": "ACM authors"}, path)
+    model = build_model(acm_cfg(TINY_CONFIG))
+    DetectionCheckpointer(model).load(str(path))
+    check_loaded_from_official(model, official)
+    predictor = DefaultPredictor(acm_cfg(TINY_CONFIG, "MODEL.WEIGHTS", str(path)))
+    check_loaded_from_official(predictor.model, official)
 
 
 def test_converted_module_computes_the_reference_output():
@@ -101,18 +108,19 @@ def test_converted_module_computes_the_reference_output():
     reference = ReferenceACM(64, groups=8)
     for parameter in reference.parameters():  # random biases too, not the zero init
         torch.nn.init.normal_(parameter, std=0.2)
+    converted, report = convert_official_state_dict(OrderedDict((f"module.{k}", v) for k, v in reference.state_dict().items()))
+    assert report.converted == {"<top level>": (64, 8)}
     module = ACM(64, groups=8)
-    module.load_state_dict(convert_official_acm_state_dict(reference.state_dict()), strict=True)
+    module.load_state_dict(OrderedDict((k[len("acm."):], v) for k, v in converted.items()), strict=True)
     x = torch.randn(2, 64, 7, 9)
-    module.train()
-    module.record_orthogonality = True
     y_ref, orth_ref = reference(x)
-    y = module(x)
+    y, orthogonality = module.forward_with_orthogonality(x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(module.last_orthogonality, orth_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(orthogonality, orth_ref, atol=1e-5, rtol=1e-5)
     back = to_official_state_dict(OrderedDict((f"acm.{k}", v) for k, v in module.state_dict().items()))
     for key, value in reference.state_dict().items():
-        torch.testing.assert_close(back[f"module.{key}"], value, atol=0, rtol=0)
+        expected = torch.zeros_like(value) if key.endswith("map_gen.0.bias") else value  # the map biases change nothing
+        torch.testing.assert_close(back[f"module.{key}"], expected, atol=0, rtol=0)
 
 
 def test_plain_keys_pass_through_in_order():
@@ -124,7 +132,6 @@ def test_plain_keys_pass_through_in_order():
     assert list(converted) == [
         "a.weight",
         "backbone.bottom_up.res3.0.acm.kq_logits.weight",
-        "backbone.bottom_up.res3.0.acm.kq_logits.bias",
         "backbone.bottom_up.res3.0.acm.channel_gate.0.weight",
         "backbone.bottom_up.res3.0.acm.channel_gate.0.bias",
         "backbone.bottom_up.res3.0.acm.channel_gate.2.weight",
@@ -205,9 +212,10 @@ def test_cli_round_trip(tmp_path, tiny_model):
     official = official_state_dict(tiny_model, seed=3)
     torch.save({"model": official, "__author__": "ACM authors"}, tmp_path / "official.pth")
     out = tmp_path / "converted.pth"
-    done = _run_tool(tmp_path / "official.pth", out)
+    done = _run_tool(tmp_path / "official.pth", out, "--config-file", TINY_CONFIG)
     assert done.returncode == 0, done.stderr
     assert "converted 8 ACM modules" in done.stdout
+    assert "0 missing from the file (0 of them ACM), 0 not in the model (0 ACM), 0 with other shapes" in done.stdout
 
     saved = torch.load(out, weights_only=True)
     assert set(saved) == {"model"}
@@ -221,32 +229,15 @@ def test_cli_round_trip(tmp_path, tiny_model):
         torch.testing.assert_close(value, expected[key], atol=0, rtol=0)
 
 
-def _tool():
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_official_checkpoint
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return convert_official_checkpoint
-
-
-def test_cli_checks_against_config(tmp_path, tiny_model, capsys):
+def test_cli_checks_against_config_and_refuses_broken_files(tmp_path, tiny_model):
     torch.save({"model": official_state_dict(tiny_model, seed=4)}, tmp_path / "official.pth")
-    tool = _tool()
-    assert tool.main([str(tmp_path / "official.pth"), str(tmp_path / "a.pth"), "--config-file", TINY_CONFIG]) == 0
-    assert "0 missing from the file (0 of them ACM), 0 not in the model (0 ACM), 0 with other shapes" in capsys.readouterr().out
     # the same weights against a model with 8 groups instead of 16: every ACM tensor mismatches
-    argv = [str(tmp_path / "official.pth"), str(tmp_path / "b.pth"), "--config-file", TINY_CONFIG, "MODEL.ACM.GROUPS", "8"]
-    assert tool.main(argv) == 1
-    captured = capsys.readouterr()
-    assert "shape mismatch:   backbone.bottom_up.res2.0.acm.kq_logits.weight: file (32, 4, 1, 1), model (16, 8, 1, 1)" in captured.out
-    assert "not written" in captured.err and not os.path.exists(tmp_path / "b.pth")
+    done = _run_tool(tmp_path / "official.pth", tmp_path / "b.pth", "--config-file", TINY_CONFIG, "MODEL.ACM.GROUPS", "8")
+    assert done.returncode == 1
+    assert "shape mismatch:   backbone.bottom_up.res2.0.acm.kq_logits.weight: file (32, 4, 1, 1), model (16, 8, 1, 1)" in done.stdout
+    assert "not written" in done.stderr and not os.path.exists(tmp_path / "b.pth")
 
-
-def test_cli_fails_on_broken_checkpoint(tmp_path, capsys):
     torch.save({"model": _broken("incomplete")}, tmp_path / "broken.pth")
-    tool = _tool()
-    assert tool.main([str(tmp_path / "broken.pth"), str(tmp_path / "out.pth")]) == 1
-    assert not os.path.exists(tmp_path / "out.pth")
-    error = capsys.readouterr().err
-    assert "incomplete ACM at 'backbone.bottom_up.res3.1'" in error and "mul_mod.feature_gen.2.bias" in error
+    done = _run_tool(tmp_path / "broken.pth", tmp_path / "out.pth")
+    assert done.returncode == 1 and not os.path.exists(tmp_path / "out.pth")
+    assert "incomplete ACM at 'backbone.bottom_up.res3.1'" in done.stderr and "mul_mod.feature_gen.2.bias" in done.stderr

@@ -1,22 +1,35 @@
-"""register_coco_format_dataset: checks before training, clear messages, idempotence."""
+"""register_coco_format_dataset: checks before training, clear messages naming the file and
+the record, idempotence; never a raw Python error from inside the validator."""
+import copy
+import io
+import itertools
 import json
+import math
 import uuid
 
+import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+from pycocotools import mask as mask_utils
 
-from acm_d2.data import CocoFormatError, register_coco_format_dataset
+from acm_d2.data import CocoFormatError, check_num_classes, register_coco_format_dataset, validate_coco_instances
+from conftest import acm_cfg
 
 
 def _name():
     return f"test_coco_{uuid.uuid4().hex[:8]}"
 
 
+def _png(path, width=8, height=8):
+    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(path)
+
+
 @pytest.fixture()
 def dataset(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.png").write_bytes(b"png")
+    _png(images / "a.png")
     data = {
         "images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
         "annotations": [
@@ -35,16 +48,39 @@ def _write(path, data):
     return path
 
 
+def _problems(tmp_path, images, data):
+    """The CocoFormatError message for ``data``, asserting that nothing is registered."""
+    path = _write(tmp_path / f"{uuid.uuid4().hex[:6]}.json", data)
+    name = _name()
+    with pytest.raises(CocoFormatError) as info:
+        register_coco_format_dataset(name, path, images)
+    assert name not in DatasetCatalog.list()
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    return message
+
+
 def test_registers_and_loads(dataset):
     path, images, _ = dataset
     name = _name()
     assert register_coco_format_dataset(name, path, images) == name
     assert MetadataCatalog.get(name).json_file == str(path.resolve())
     assert MetadataCatalog.get(name).evaluator_type == "coco"
+    assert MetadataCatalog.get(name).thing_classes == ["thing"]  # for check_num_classes, before loading
     dicts = DatasetCatalog.get(name)
     assert len(dicts) == 1 and len(dicts[0]["annotations"]) == 1
     # idempotent for the same triple, also spelled differently
     assert register_coco_format_dataset(name, str(path), str(images) + "/") == name
+
+
+def test_registered_dataset_is_checked_against_num_classes(dataset):
+    path, images, _ = dataset
+    name = register_coco_format_dataset(_name(), path, images)
+    cfg = acm_cfg("configs/Base-RCNN-FPN-ACM.yaml", "DATASETS.TRAIN", f"('{name}',)", "MODEL.ROI_HEADS.NUM_CLASSES", "1")
+    check_num_classes(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 0
+    with pytest.raises(ValueError, match=f"^MODEL.ROI_HEADS.NUM_CLASSES=0, but DATASETS.TRAIN \\['{name}'\\]"):
+        check_num_classes(cfg)
 
 
 def test_name_taken_by_another_dataset(dataset, tmp_path):
@@ -72,11 +108,12 @@ def test_missing_image_folder(tmp_path, dataset):
         register_coco_format_dataset(_name(), path, missing)
 
 
-def test_not_json(tmp_path, dataset):
+@pytest.mark.parametrize("text, words", [("{not json", "is not valid JSON"), (b"\xff\xfe\x00binary", "is not valid JSON")])
+def test_not_json(tmp_path, dataset, text, words):
     _, images, _ = dataset
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(CocoFormatError, match=f"{bad} is not valid JSON"):
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CocoFormatError, match=f"{bad} {words}"):
         register_coco_format_dataset(_name(), bad, images)
 
 
@@ -97,28 +134,247 @@ def test_not_an_object(tmp_path, dataset):
         register_coco_format_dataset(_name(), path, images)
 
 
+def test_no_categories(tmp_path, dataset):
+    _, images, data = dataset
+    data["categories"] = []
+    assert "'categories' is empty; list every category" in _problems(tmp_path, images, data)
+
+
 def test_annotation_with_unknown_image_id(tmp_path, dataset):
     _, images, data = dataset
     data["annotations"].append(dict(data["annotations"][0], id=2, image_id=42))
     data["annotations"].append(dict(data["annotations"][0], id=3, image_id=43))
-    path = _write(tmp_path / "orphans.json", data)
-    name = _name()
-    with pytest.raises(CocoFormatError, match=f"{path}: annotations refer to image ids that are not in 'images': 42, 43"):
-        register_coco_format_dataset(name, path, images)
-    assert name not in DatasetCatalog.list()  # nothing registered on failure
+    message = _problems(tmp_path, images, data)
+    assert "annotations: refer to image ids that are not in 'images': 42, 43 (annotation ids 2, 3)" in message
 
 
 def test_annotation_with_unknown_category(tmp_path, dataset):
     _, images, data = dataset
     data["annotations"][0]["category_id"] = 7
-    path = _write(tmp_path / "cats.json", data)
-    with pytest.raises(CocoFormatError, match="category ids that are not in 'categories': 7"):
-        register_coco_format_dataset(_name(), path, images)
+    assert "refer to category ids that are not in 'categories': 7 (annotation ids 1)" in _problems(tmp_path, images, data)
 
 
 def test_missing_image_file(tmp_path, dataset):
     _, images, data = dataset
     data["images"].append({"id": 2, "file_name": "b.png", "height": 8, "width": 8})
-    path = _write(tmp_path / "noimg.json", data)
-    with pytest.raises(CocoFormatError, match=f"1 of 2 image files are missing under {images}: 'b.png'"):
-        register_coco_format_dataset(_name(), path, images)
+    assert f"1 of 2 image files are missing under {images}: 'b.png'" in _problems(tmp_path, images, data)
+
+
+# ------------------------------------------------------------------------------------ boxes
+@pytest.mark.parametrize(
+    "bbox, words",
+    [
+        ([6, 2, -2, 3], "bbox [6, 2, -2, 3] has width -2 and height 3; COCO boxes are [x, y, width, height] with width, height > 0"),
+        ([1, 1, 3, 0], "bbox [1, 1, 3, 0] has width 3 and height 0"),
+        ([1, math.nan, 3, 3], "bbox [1, NaN, 3, 3] has NaN or infinite values"),
+        ([1, 1, math.inf, 3], "bbox [1, 1, Infinity, 3] has NaN or infinite values"),
+        ([5, 1, 6, 3], "bbox [5, 1, 6, 3] (x 5 to 11, y 1 to 4) leaves the 8x8 image by more than 1 px"),
+        ([-2, 1, 3, 3], "bbox [-2, 1, 3, 3] (x -2 to 1, y 1 to 4) leaves the 8x8 image"),
+        ([1, 1, 3], "bbox [1, 1, 3] is not four numbers [x, y, width, height]"),
+        ("1 1 3 3", 'bbox "1 1 3 3" is not four numbers'),
+        ([1, 1, "3", 3], 'bbox [1, 1, "3", 3] is not four numbers'),
+        ([1, 1, True, 3], "bbox [1, 1, true, 3] is not four numbers"),
+    ],
+)
+def test_bad_box_names_the_annotation(tmp_path, dataset, bbox, words):
+    _, images, data = dataset
+    data["annotations"][0]["bbox"] = bbox
+    data["annotations"][0].pop("segmentation")
+    message = _problems(tmp_path, images, data)
+    assert f"annotation id 1 (image id 1): {words}" in message
+
+
+def test_box_within_tolerance_is_accepted(tmp_path, dataset):
+    _, images, data = dataset
+    data["annotations"][0]["bbox"] = [-0.5, 0, 8.9, 8.4]  # rounding of an annotation tool
+    data["annotations"][0]["segmentation"] = [[-0.5, 0, 8.4, 0, 8.4, 8.4]]
+    validate_coco_instances(_write(tmp_path / "ok.json", data), images)
+
+
+def test_missing_bbox_area_iscrowd(tmp_path, dataset):
+    _, images, data = dataset
+    for key in ("bbox", "area", "iscrowd"):
+        data["annotations"][0].pop(key)
+    message = _problems(tmp_path, images, data)
+    assert "annotation id 1 (image id 1): no 'bbox'" in message
+    assert "'area' is missing; expected the object's area in pixels, a number >= 0 (COCO evaluation needs it" in message
+    assert "'iscrowd' is missing; expected 0 or 1 (COCO evaluation needs it)" in message
+
+
+# ---------------------------------------------------------------------------- segmentations
+@pytest.mark.parametrize(
+    "segmentation, words",
+    [
+        ([[1, 1, 4, 1]], "segmentation polygon 0 has 4 coordinates; a polygon needs an even number, at least 6 (3 points)"),
+        ([[1, 1, 4, 1, 4, 4, 1]], "segmentation polygon 0 has 7 coordinates"),
+        ([[1, 1, 4, 1, 4, 4], []], "segmentation polygon 1 has 0 coordinates"),
+        ([[1, 1, 4, 1, 4, math.nan]], "segmentation polygon 0 has NaN or infinite coordinates"),
+        ([[1, 1, 4, 1, 14, 4]], "segmentation polygon 0 (x 1 to 14, y 1 to 4) leaves the 8x8 image"),
+        ([["1", 1, 4, 1, 4, 4]], 'segmentation polygon 0 is ["1", 1, 4, 1, 4, 4], not a list of numbers'),
+        ([1, 1, 4, 1, 4, 4], "segmentation polygon 0 is 1, not a list of numbers"),
+        ("polygon", 'segmentation is "polygon"; expected a list of polygons or an RLE object'),
+        ({"size": [8, 8], "counts": [10, 5]}, "RLE 'counts' add up to 15 pixels, not the 64 of its 8x8 'size'"),
+        ({"size": [8, 8], "counts": [70, -6]}, "RLE 'counts' has negative run lengths"),
+        ({"size": [8, 8], "counts": "\x7f\x7f"}, "RLE 'counts' is a string that is not a compressed COCO RLE"),
+        ({"size": [6, 8], "counts": [48]}, "RLE 'size' [6, 8] is not the image's [height, width] [8, 8]"),
+        ({"size": "8x8", "counts": [64]}, "RLE 'size' is \"8x8\"; expected [height, width]"),
+        ({"size": [8, 8], "counts": 64}, "RLE 'counts' is 64; expected a compressed RLE string or a list of run lengths"),
+    ],
+)
+def test_bad_segmentation_names_the_annotation(tmp_path, dataset, segmentation, words):
+    _, images, data = dataset
+    data["annotations"][0]["segmentation"] = segmentation
+    assert f"annotation id 1 (image id 1): {words}" in _problems(tmp_path, images, data)
+
+
+def test_valid_rle(tmp_path, dataset):
+    _, images, data = dataset
+    mask = np.zeros((8, 8), dtype=np.uint8, order="F")
+    mask[1:5, 2:7] = 1
+    compressed = mask_utils.encode(mask)
+    data["annotations"][0]["segmentation"] = {"size": [8, 8], "counts": compressed["counts"].decode()}
+    data["annotations"].append(dict(data["annotations"][0], id=2, iscrowd=1, segmentation={"size": [8, 8], "counts": [8, 4, 52]}))
+    validate_coco_instances(_write(tmp_path / "rle.json", data), images)
+    truncated = compressed["counts"].decode()[:-1]
+    data["annotations"][0]["segmentation"]["counts"] = truncated
+    assert "annotation id 1 (image id 1): RLE 'counts' add up to 53 pixels, not the 64" in _problems(tmp_path, images, data)
+
+
+def test_masks_all_or_none(tmp_path, dataset):
+    _, images, data = dataset
+    for i, segmentation in enumerate([[], None], start=2):
+        extra = dict(data["annotations"][0], id=i, segmentation=segmentation)
+        if segmentation is None:
+            del extra["segmentation"]
+        data["annotations"].append(extra)
+    message = _problems(tmp_path, images, data)
+    assert "2 of 3 non-crowd annotations have no (or an empty) segmentation while the others have one (annotation ids 2, 3)" in message
+    # a box-only dataset is fine
+    for ann in data["annotations"]:
+        ann["segmentation"] = []
+    validate_coco_instances(_write(tmp_path / "boxes.json", data), images)
+
+
+# ----------------------------------------------------------------------------------- images
+def _jpeg_bytes(width, height, orientation=None):
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.random.RandomState(0).randint(0, 255, (height, width, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    image.save(buffer, "JPEG", exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("truncated png", "is not a whole image"),
+        ("truncated jpeg", "is not a whole image (OSError: image file is truncated"),
+        (b"<html>404</html>", "is not an image file PIL can read"),
+    ],
+)
+def test_corrupt_image(tmp_path, dataset, content, words):
+    _, images, data = dataset
+    if content == "truncated png":
+        full = (images / "a.png").read_bytes()
+        content = full[: len(full) - 20]
+    elif content == "truncated jpeg":
+        data["images"][0].update(width=64, height=48, file_name="a.jpg")
+        full = _jpeg_bytes(64, 48)
+        content = full[: len(full) // 2]
+    (images / data["images"][0]["file_name"]).write_bytes(content)
+    message = _problems(tmp_path, images, data)
+    assert f"image id 1 ({data['images'][0]['file_name']}): the file {words}" in message
+    assert "replace it, or remove the image and its annotations" in message
+
+
+def test_image_size_differs_from_json(tmp_path, dataset):
+    _, images, data = dataset
+    _png(images / "a.png", width=8, height=6)
+    message = _problems(tmp_path, images, data)
+    assert "image id 1 (a.png): the file is 8x6 pixels (width x height, after EXIF rotation) but the JSON says width 8, height 8" in message
+
+
+def test_exif_rotation_is_applied_as_detectron2_does(tmp_path, dataset):
+    _, images, data = dataset
+    (images / "r.jpg").write_bytes(_jpeg_bytes(12, 8, orientation=6))  # stored 12x8, shown 8x12
+    data["images"].append({"id": 2, "file_name": "r.jpg", "width": 8, "height": 12})
+    path = _write(tmp_path / "exif.json", data)
+    validate_coco_instances(path, images)
+    name = register_coco_format_dataset(_name(), path, images)
+    from detectron2.data import detection_utils
+
+    d = [d for d in DatasetCatalog.get(name) if d["image_id"] == 2][0]
+    detection_utils.check_image_size(d, detection_utils.read_image(d["file_name"], "BGR"))  # what training checks
+
+
+def test_check_images_off_skips_reading(tmp_path, dataset):
+    _, images, data = dataset
+    (images / "a.png").write_bytes(b"not an image")
+    validate_coco_instances(_write(tmp_path / "x.json", data), images, check_images=False)
+
+
+# ------------------------------------------------------------------- malformed JSON values
+def test_malformed_records_are_named(tmp_path, dataset):
+    _, images, data = dataset
+    data["images"].append({"id": 2, "file_name": 7, "width": 8, "height": 0})
+    data["images"].append({"id": 1, "file_name": "a.png", "width": 8, "height": 8})
+    data["images"].append("a.png")
+    data["annotations"].append(5)
+    data["annotations"].append(dict(data["annotations"][0]))
+    data["annotations"].append(dict(data["annotations"][0], id=True))
+    data["categories"].append({"id": 2})
+    data["categories"].append({"name": "nameless id"})
+    message = _problems(tmp_path, images, data)
+    for words in [
+        "image id 2: 'file_name' is 7; expected the image's path under the image folder, a string",
+        "image id 2: 'height' is 0; expected the image's height in pixels, a positive integer",
+        "images[2]: id 1 is used twice; ids must be unique in 'images'",
+        'images[3]: is "a.png", expected an object',
+        "annotations[1]: is 5, expected an object",
+        "annotations[2]: id 1 is used twice; ids must be unique in 'annotations'",
+        "annotations[3]: 'id' is true; give every entry a unique integer id",
+        "category id 2: 'name' is missing; expected a non-empty string",
+        "categories[2]: 'id' is missing; give every entry a unique integer id",
+    ]:
+        assert words in message
+    assert "9 problems found" in message
+
+
+def test_many_problems_are_summarised(tmp_path, dataset):
+    _, images, data = dataset
+    ann = data["annotations"][0]
+    data["annotations"] = [dict(ann, id=i, bbox=[1, 1, -1, 3]) for i in range(1, 31)]
+    data["annotations"] += [dict(ann, id=i, area=None) for i in range(31, 36)]
+    message = _problems(tmp_path, images, data)
+    assert "35 problems found" in message
+    assert message.count("\n  annotation id") == 10
+    assert "... 35 problems in all: 30 x bbox with width or height <= 0, 5 x bad area" in message
+
+
+_ODD_VALUES = [
+    None, True, -1, 0, 2.5, math.nan, math.inf, 10**400, "x", "", "\x00", [], [[]], [1, 2], [10**400] * 6, {},
+    {"counts": "x"}, {"size": [8, 8], "counts": [10**400]}, [None, "a", {}],
+]
+
+
+def test_no_raw_python_error_on_any_odd_value(tmp_path, dataset):
+    """Every field of every record replaced by odd values: a CocoFormatError or success."""
+    _, images, data = dataset
+    paths = [("images", 0, k) for k in data["images"][0]] + [("annotations", 0, k) for k in data["annotations"][0]]
+    paths += [("categories", 0, k) for k in data["categories"][0]]
+    cases = [(p, v) for p, v in itertools.product(paths, _ODD_VALUES)]
+    cases += [((key,), v) for key in ("images", "annotations", "categories") for v in _ODD_VALUES]
+    cases += [((key, 0), v) for key in ("images", "annotations", "categories") for v in _ODD_VALUES]
+    for path, value in cases:
+        broken = copy.deepcopy(data)
+        target = broken
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = value
+        json_file = _write(tmp_path / "odd.json", broken)
+        try:
+            validate_coco_instances(json_file, images)
+        except CocoFormatError:
+            pass

@@ -1,11 +1,20 @@
-"""tools/train_net.py --num-gpus 2 on the CPU: two gloo processes train a tiny Mask R-CNN + ACM
-with naiveSyncBN and find_unused_parameters off; both ranks finish with identical weights,
-and loss_acm_orth is averaged over the ranks like Detectron2's other losses."""
+"""Distributed training on the CPU (gloo).
+
+tools/train_net.py --num-gpus 2: two processes train a tiny Mask R-CNN + ACM with naiveSyncBN and
+find_unused_parameters off; both ranks finish with identical weights, and loss_acm_orth is
+averaged over the ranks like Detectron2's other losses. The same training started by torchrun,
+as two machines on one host, and as a SLURM job (submitit's local executor) that is stopped by
+its signal, requeued and resumed, ends with the same weights; a failing worker names its rank."""
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -127,3 +136,278 @@ def test_syncbn_on_cpu_with_several_processes_is_a_clear_error(monkeypatch):
         check_distributed_setup(model)
     assert "SyncBatchNorm" in str(info.value) and "CUDA" in str(info.value)
     check_distributed_setup(nn.Sequential(nn.Conv2d(3, 4, 1), get_norm("naiveSyncBN", 4)))
+
+
+# ------------------------------------------- torchrun, two machines, SLURM (submitit), failures
+# Every run below trains the same tiny Mask R-CNN + ACM on the built-in acm_synthetic_tiny_train
+# with 2 CPU processes (gloo), so all of them must end with the same weights, bit for bit.
+CLUSTER_DRIVER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    sys.path.insert(0, {tools!r})
+    import torch
+    import train_net
+    from detectron2.engine import HookBase
+    from detectron2.utils import comm
+    from acm_d2.engine.preemption import stop_requested
+
+
+    class Probe(HookBase):
+        def before_train(self):
+            out, rank = self.trainer.cfg.OUTPUT_DIR, comm.get_rank()
+            record = {{"rank": rank, "world": comm.get_world_size(), "pid": os.getpid(), "ppid": os.getppid(),
+                       "start_iter": self.trainer.start_iter, "ddp": type(self.trainer.model).__name__}}
+            with open(os.path.join(out, f"runs_rank{{rank}}.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\\n")
+
+        def before_step(self):  # ACM_TEST_WAIT_AT=ITER: rank 1 of a fresh run waits there for its stop signal
+            wait_at = int(os.environ.get("ACM_TEST_WAIT_AT", "-1"))
+            if comm.get_rank() != 1 or self.trainer.iter != wait_at or self.trainer.start_iter != 0:
+                return
+            with open(os.path.join(self.trainer.cfg.OUTPUT_DIR, "waiting_pid"), "w") as f:
+                f.write(str(os.getpid()))
+            deadline = time.time() + 120
+            while stop_requested() is None:
+                assert time.time() < deadline, "no stop signal within 120 s"
+                time.sleep(0.01)
+
+        def after_train(self):
+            if self.trainer.iter + 1 >= self.trainer.max_iter:  # finished (not stopped)
+                model = getattr(self.trainer.model, "module", self.trainer.model)
+                path = os.path.join(self.trainer.cfg.OUTPUT_DIR, f"weights_rank{{comm.get_rank()}}.pth")
+                torch.save(model.state_dict(), path)
+
+
+    class ProbeTrainer(train_net.Trainer):
+        def build_hooks(self):
+            return super().build_hooks() + [Probe()]
+
+
+    train_net.Trainer = ProbeTrainer
+
+    if __name__ == "__main__":
+        train_net.invoke_main()
+    """
+)
+CLUSTER_MAX_ITER = 6
+
+
+def cluster_opts(output_dir):
+    """tiny_opts on acm_synthetic_tiny_train (4 classes), 2 images per process, naiveSyncBN."""
+    return tiny_opts(output_dir, max_iter=CLUSTER_MAX_ITER) + [
+        "DATASETS.TRAIN", "('acm_synthetic_tiny_train',)",
+        "DATASETS.TEST", "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES", "4",
+        "SOLVER.IMS_PER_BATCH", "4",
+        "MODEL.RESNETS.NORM", "naiveSyncBN",
+    ]
+
+
+@pytest.fixture(scope="module")
+def cluster_env(tmp_path_factory):
+    """The environment of the training processes (one thread, the tiny dataset written once)."""
+    from acm_d2.data import ensure_synthetic_dataset
+
+    cache = tmp_path_factory.mktemp("synthetic_cache")
+    ensure_synthetic_dataset(["acm_synthetic_tiny_train"], cache_root=cache)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", ACM_D2_DATA_CACHE=str(cache))
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    path = tmp_path_factory.mktemp("driver") / "cluster_driver.py"
+    path.write_text(CLUSTER_DRIVER.format(tools=str(REPO / "tools")))
+    return path
+
+
+def run_ranks(commands, env, timeout=300):
+    """Run one process per rank until all have ended or one has failed (the others are then
+    killed), or ``timeout`` seconds have passed (fails). Returns (exit codes, outputs)."""
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for c, log in zip(commands, logs)]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+            assert time.monotonic() < deadline, f"ranks still running after {timeout} s"
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+    return [p.returncode for p in procs], outputs
+
+
+def assert_ranks_succeed(commands, env):
+    codes, outputs = run_ranks(commands, env)
+    failed = [r for r, code in enumerate(codes) if code != 0]
+    assert not failed, f"rank {failed[0]} failed (exit {codes[failed[0]]}):\n{outputs[failed[0]][-6000:]}"
+
+
+def final_weights(out):
+    """Both ranks' final weights (asserted identical), as rank 0's state dict."""
+    w0 = torch.load(out / "weights_rank0.pth", weights_only=True)
+    w1 = torch.load(out / "weights_rank1.pth", weights_only=True)
+    assert w0.keys() == w1.keys() and [k for k in w0 if not torch.equal(w0[k], w1[k])] == []
+    return w0
+
+
+def runs(out, rank):
+    return [json.loads(line) for line in (out / f"runs_rank{rank}.jsonl").read_text().splitlines()]
+
+
+def torchrun_command(driver, out, *flags):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            str(driver), *flags, "--config-file", str(CONFIG), *cluster_opts(out)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory, driver, cluster_env):
+    """torchrun --nproc_per_node 2 train_net.py --num-gpus 2: the reference weights of these tests."""
+    out = tmp_path_factory.mktemp("torchrun")
+    torchrun = subprocess.Popen(
+        torchrun_command(driver, out, "--num-gpus", "2"), cwd=REPO, env=cluster_env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = torchrun.communicate(timeout=300)
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+            torchrun.wait()
+    assert torchrun.returncode == 0, output[-6000:]
+    return out, torchrun.pid, final_weights(out)
+
+
+@pytest.mark.slow
+def test_torchrun_joins_from_the_environment(torchrun_run):
+    out, torchrun_pid, weights = torchrun_run
+    records = [runs(out, r) for r in (0, 1)]
+    assert [len(r) for r in records] == [1, 1]  # one process per rank: nothing spawned twice
+    (r0,), (r1,) = records
+    assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)
+    assert r0["ppid"] == r1["ppid"] == torchrun_pid  # torchrun's own workers, not spawned by launch
+    assert r0["ddp"] == r1["ddp"] == "DistributedDataParallel"
+    assert load_model_weights(out / "model_final.pth").keys() == weights.keys()
+
+
+@pytest.mark.slow
+def test_two_machines_on_one_host_end_with_the_same_weights(tmp_path, driver, cluster_env, torchrun_run):
+    out = tmp_path / "out"
+    url = f"tcp://127.0.0.1:{free_port()}"
+    commands = [
+        [sys.executable, str(driver), "--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(machine),
+         "--dist-url", url, "--config-file", str(CONFIG), *cluster_opts(out)]
+        for machine in (0, 1)
+    ]
+    assert_ranks_succeed(commands, cluster_env)
+    assert [(r["rank"], r["world"]) for m in (0, 1) for r in runs(out, m)] == [(0, 2), (1, 2)]
+    weights, reference = final_weights(out), torchrun_run[2]
+    assert [k for k in reference if not torch.equal(weights[k], reference[k])] == []
+
+
+@pytest.mark.slow
+def test_slurm_job_stopped_requeued_and_resumed_ends_with_the_same_weights(tmp_path, driver, cluster_env, torchrun_run, monkeypatch):
+    from acm_d2.engine.slurm import submit_training
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for key, value in cluster_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ACM_TEST_WAIT_AT", "3")  # rank 1 waits at iteration 3 for its SIGUSR2
+    args = ["--config-file", str(CONFIG), *cluster_opts(out)]
+    job = submit_training(driver, args, str(tmp_path / "jobs"), gpus_per_node=0, tasks_per_node=2, cpus_per_task=1,
+                          time_min=10, cluster="local")
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "waiting_pid").exists():
+            assert not job.done(), f"the job ended before iteration 3:\n{job.task(0).stderr()}"
+            assert time.monotonic() < deadline, "iteration 3 not reached in time"
+            time.sleep(0.05)
+        os.kill(int((out / "waiting_pid").read_text()), signal.SIGUSR2)  # as SLURM does; only to rank 1 here
+        while not job.done():
+            assert time.monotonic() < deadline, "the requeued job did not finish in time"
+            time.sleep(0.2)
+    finally:
+        if not job.done():
+            job.cancel()
+    task0_log = job.task(0).stdout() + job.task(0).stderr()
+    assert job.results() == [None, None], task0_log[-6000:]
+    # stopped after iteration 3 with a checkpoint, requeued with --resume, resumed at iteration 4
+    assert load_model_weights(out / "model_0000003.pth").keys() == torchrun_run[2].keys()
+    assert [[r["start_iter"] for r in runs(out, rank)] for rank in (0, 1)] == [[0, 4], [0, 4]]
+    assert all(r["world"] == 2 for rank in (0, 1) for r in runs(out, rank))
+    assert "Requeued job" in task0_log
+    weights, reference = final_weights(out), torchrun_run[2]
+    assert [k for k in reference if not torch.equal(weights[k], reference[k])] == []
+
+
+# launch() as tools/train_net.py calls it; rank 1 fails, the others wait for it in a barrier.
+FAILING_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from detectron2.utils import comm
+    from acm_d2.engine import launch
+
+
+    def main():
+        if comm.get_rank() == 1:
+            raise RuntimeError("worker failing on purpose")
+        comm.synchronize()
+
+
+    if __name__ == "__main__":
+        num_gpus, num_machines, machine_rank, url = sys.argv[1:]
+        launch(main, int(num_gpus), int(num_machines), int(machine_rank), url, device="cpu")
+    """
+)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "two_machines"])
+def test_a_failing_worker_ends_the_run_naming_its_rank(tmp_path, cluster_env, launcher):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_DRIVER)
+    url = f"tcp://127.0.0.1:{free_port()}"
+    if launcher == "torchrun":
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+        codes, outputs = run_ranks([torchrun + [str(script), "1", "1", "0", url]], cluster_env, timeout=120)
+        assert codes[0] != 0
+        assert "Rank 1 (machine 0, local rank 1) failed: RuntimeError: worker failing on purpose" in outputs[0]
+        assert re.search(r"rank\s*: 1 ", outputs[0]), outputs[0][-3000:]  # torchrun's summary of the failure
+    else:
+        commands = [[sys.executable, str(script), "1", "2", str(machine), url] for machine in (0, 1)]
+        codes, outputs = run_ranks(commands, cluster_env, timeout=120)
+        assert codes[1] != 0
+        assert "Rank 1 (machine 1, local rank 0) failed: RuntimeError: worker failing on purpose" in outputs[1]
+
+
+def test_launcher_environment_is_read_and_checked(monkeypatch):
+    from acm_d2.engine.launcher import external_launcher_environment
+
+    assert external_launcher_environment({}) is None  # not started by a launcher: Detectron2's spawning
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert external_launcher_environment(env) == {"rank": 3, "world_size": 4, "local_rank": 1, "local_world_size": 2}
+    with pytest.raises(ValueError, match=r"\['LOCAL_WORLD_SIZE', 'MASTER_PORT'\] are not"):
+        external_launcher_environment({k: v for k, v in env.items() if k not in ("LOCAL_WORLD_SIZE", "MASTER_PORT")})
+    with pytest.raises(ValueError, match="not a multiple of LOCAL_WORLD_SIZE 3"):
+        external_launcher_environment(dict(env, LOCAL_WORLD_SIZE="3"))
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match="--num-gpus 8 with a launcher that started 2 processes per machine"):
+        launch_module.launch(print, 8)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert launch_module.launch(lambda x: x * 2, 1, args=(21,)) == 42  # one process: nothing to join

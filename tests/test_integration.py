@@ -1,11 +1,16 @@
-"""ACM models in Detectron2's tooling: DefaultPredictor, Visualizer, FLOP counting, tracing."""
+"""ACM models in Detectron2's tooling: DefaultPredictor, Visualizer, FLOP counting, and every
+export path (tracing, scripting, torch.export, torch.compile) against eager outputs."""
+from typing import Dict, List, Tuple
+
 import numpy as np
+import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
-from detectron2.export import TracingAdapter
+from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
+from detectron2.structures import Boxes
 from detectron2.utils.visualizer import Visualizer
 
 from acm_d2 import ACM
@@ -98,3 +103,64 @@ def test_tracing_adapter_matches_eager():
         torch.testing.assert_close(got.scores, expected.scores, atol=1e-5, rtol=1e-4)
         assert torch.equal(got.pred_classes, expected.pred_classes)
         torch.testing.assert_close(got.pred_masks, expected.pred_masks, atol=1e-4, rtol=1e-4)
+
+
+def test_scripting_export_matches_eager():
+    """What Detectron2's tools/deploy/export_model.py --export-method scripting does for a
+    GeneralizedRCNN: script an adapter that calls model.inference."""
+    model = tiny_model()
+    fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor, "pred_boxes": Boxes, "scores": torch.Tensor,
+              "pred_classes": torch.Tensor, "pred_masks": torch.Tensor}
+
+    class ScriptableAdapter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.eval()
+
+        def forward(self, inputs: Tuple[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+            instances = self.model.inference(inputs, do_postprocess=False)
+            return [i.get_fields() for i in instances]
+
+    scripted = scripting_with_instances(ScriptableAdapter(), fields)
+    image = torch.as_tensor(tiny_image(1, 64, 96).transpose(2, 0, 1).astype("float32"))
+    with torch.no_grad():
+        got = scripted(({"image": image},))[0]
+        expected = model.inference([{"image": image}], do_postprocess=False)[0]
+    assert len(expected) > 0
+    boxes = got["pred_boxes"]  # the scripted Instances hands out the box tensor
+    torch.testing.assert_close(getattr(boxes, "tensor", boxes), expected.pred_boxes.tensor, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got["scores"], expected.scores, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["pred_masks"], expected.pred_masks, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_export_with_dynamic_height_and_width():
+    backbone = tiny_model().backbone
+    height, width = torch.export.Dim("height", min=2, max=32), torch.export.Dim("width", min=2, max=32)
+    exported = torch.export.export(backbone, (torch.randn(1, 3, 128, 192),),
+                                   dynamic_shapes={"x": {2: 32 * height, 3: 32 * width}})
+    for shape in ((1, 3, 128, 192), (1, 3, 192, 96)):  # the example size and another one
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected, got = backbone(x), exported.module()(x)
+        assert set(got) == set(expected)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_an_acm_block_matches_eager():
+    """torch.compile (inductor) of one ACM block: inference, and training through the fused Function."""
+    block = tiny_model().backbone.bottom_up.res4[0]
+    compiled = torch.compile(block)
+    x = torch.randn(2, 128, 8, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), block.eval()(x), atol=1e-4, rtol=1e-4)
+    block.train()
+    x_eager, x_compiled = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    block(x_eager).square().sum().backward()
+    grad_eager = block.acm.kq_logits.weight.grad.clone()
+    block.zero_grad()
+    compiled(x_compiled).square().sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block.acm.kq_logits.weight.grad, grad_eager, atol=1e-4, rtol=1e-4)

@@ -9,13 +9,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from acm_d2 import ACM, ACMResNet
+from acm_d2 import ACM, ACMGeneralizedRCNN, ACMResNet, acm_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    # config file: (ACM modules in R-50, their first stage)
-    "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py": (13, "res3"),
-    "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_100ep_LSJ_acm.py": (16, "res2"),
+    # config file: (ACM modules in R-50, their first stage, the modules of loss_acm_orth)
+    "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py": (13, "res3", "res5"),
+    "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_100ep_LSJ_acm.py": (16, "res2", "all"),
 }
 
 
@@ -60,12 +60,12 @@ def test_lazy_config_trains_with_orth_loss(config_file):
     assert cfg.model.backbone.bottom_up.acm_groups == 32
     torch.manual_seed(0)
     model = instantiate(cfg.model)
-    bottom_up = model.backbone.bottom_up
-    assert isinstance(bottom_up, ACMResNet)
-    expected_count, first_stage = CONFIGS[config_file]
-    assert len(bottom_up.context_modules_by_block) == expected_count
-    assert next(iter(bottom_up.context_modules_by_block)) == f"{first_stage}.0"
-    assert all(m.groups == 32 for m in bottom_up.context_modules_by_block.values())
+    assert isinstance(model, ACMGeneralizedRCNN) and isinstance(model.backbone.bottom_up, ACMResNet)
+    expected_count, first_stage, orth_loss_modules = CONFIGS[config_file]
+    modules = acm_modules(model)
+    assert len(modules) == expected_count and next(iter(modules)) == f"{first_stage}.0"
+    assert all(m.groups == 32 for m in modules.values())
+    assert model.orth_loss_modules == orth_loss_modules
 
     # what Detectron2's tools/lazyconfig_train_net.py does before training
     cfg.optimizer.params.model = model
@@ -81,7 +81,7 @@ def test_lazy_config_trains_with_orth_loss(config_file):
     optimizer.zero_grad()
     sum(losses.values()).backward()
     # res4 (2 x 2 positions at 32 px; res5's single position makes softmax constant)
-    acm = bottom_up.context_modules_by_block["res4.5"]
+    acm = modules["res4.5"]
     assert acm.kq_logits.weight.grad is not None and acm.kq_logits.weight.grad.abs().sum() > 0
     optimizer.step()
 
@@ -94,16 +94,17 @@ def test_lazy_config_save_round_trip(tmp_path):
         # Detectron2 falls back to a pickle next to it when the YAML cannot hold the config
         assert not os.path.exists(str(path) + ".pkl")
         text = path.read_text()
-        assert "_target_: acm_d2.with_acm_orth_loss" in text
+        assert "_target_: acm_d2.ACMGeneralizedRCNN" in text
         assert "_target_: acm_d2.ACMResNet" in text
         reloaded = LazyConfig.load(str(path))
-        assert reloaded.model.meta_architecture == "detectron2.modeling.GeneralizedRCNN"
+        assert reloaded.model.orth_loss_weight == 0.1
         assert reloaded.model.backbone.bottom_up.freeze_at == cfg.model.backbone.bottom_up.freeze_at
     # the reloaded YAML instantiates the same model (checked for the 1x one: the faster of the two)
     reloaded.model.orth_loss_weight = 0.0
     model = instantiate(small(reloaded).model)
     assert sum(isinstance(m, ACM) for m in model.modules()) == 16
-    assert not any(m.record_orthogonality for m in model.modules() if isinstance(m, ACM))
+    with EventStorage():
+        assert "loss_acm_orth" not in model.train()(tiny_batch())
 
 
 def test_overrides_like_the_command_line():
@@ -113,8 +114,7 @@ def test_overrides_like_the_command_line():
         ["model.backbone.bottom_up.acm_groups=16", "model.orth_loss_weight=0.5", "model.backbone.bottom_up.acm_stages=[res5]"],
     )
     model = instantiate(small(cfg).model)
-    modules = model.backbone.bottom_up.context_modules_by_block
+    modules = acm_modules(model)
     assert list(modules) == ["res5.0", "res5.1", "res5.2"]
     assert all(m.groups == 16 for m in modules.values())
-    hooks = [h for h in model._forward_hooks.values() if type(h).__name__ == "ACMOrthLoss"]
-    assert len(hooks) == 1 and hooks[0].weight == 0.5
+    assert model.orth_loss_weight == 0.5

@@ -1,5 +1,7 @@
-"""Nothing is lost: a killed run resumes to the weights of an uninterrupted one, the data
-stream resumes exactly, checkpoints are written atomically and load with weights_only=True."""
+"""Nothing is lost: a killed run resumes to the weights of an uninterrupted one (with the
+built-in configs' NUM_WORKERS 1), the data stream resumes exactly, checkpoints are written
+atomically and load with weights_only=True, and a run killed while writing model_final.pth
+gets it on --resume."""
 import os
 import signal
 import subprocess
@@ -10,7 +12,7 @@ import torch
 from detectron2.data.common import AspectRatioGroupedDataset
 from torch import nn
 
-from acm_d2.engine import ACMCheckpointer, ResumableTrainingSampler
+from acm_d2.engine import SafeCheckpointer, ResumableTrainingSampler
 from acm_d2.engine import checkpointer as checkpointer_module
 from test_train_net import REPO, load_model_weights, run_train_net, tiny_opts, train_net_command, write_tiny_coco
 
@@ -95,7 +97,7 @@ def _take(iterable, n):
 # ---------------------------------------------------------------------- atomic checkpoints
 def _checkpointer(tmp_path):
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    return model, ACMCheckpointer(model, str(tmp_path))
+    return model, SafeCheckpointer(model, str(tmp_path))
 
 
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
@@ -129,7 +131,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     def dying_tag(self, basename):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ACMCheckpointer, "tag_last_checkpoint", dying_tag)
+    monkeypatch.setattr(SafeCheckpointer, "tag_last_checkpoint", dying_tag)
     with pytest.raises(OSError):
         ckpt.save("model_0000005", iteration=5)
     monkeypatch.undo()
@@ -145,15 +147,17 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------- kill and resume, end to end
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     json_file, image_root = write_tiny_coco(tmp_path / "data", num_images=7, mixed_aspect=True)
     max_iter, period = 6, 2  # checkpoints after iterations 1, 3, 5
+    workers = ["DATALOADER.NUM_WORKERS", "1"]  # the built-in configs' (with aspect-ratio grouping)
 
     straight = tmp_path / "straight"
-    run_train_net(json_file, image_root, tiny_opts(straight, max_iter=max_iter, checkpoint_period=period))
+    run_train_net(json_file, image_root, tiny_opts(straight, max_iter=max_iter, checkpoint_period=period) + workers)
 
     killed = tmp_path / "killed"
-    opts = tiny_opts(killed, max_iter=max_iter, checkpoint_period=period)
+    opts = tiny_opts(killed, max_iter=max_iter, checkpoint_period=period) + workers
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
         train_net_command(json_file, image_root, opts),
@@ -195,3 +199,73 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path):
     # and the run did train: the final weights differ from the first checkpoint's
     first = load_model_weights(straight / "model_0000001.pth")
     assert any(not torch.equal(first[k], a[k]) for k in a)
+
+
+# ------------------------------------------- the built-in config's data loading, in process
+SYNTHETIC_CONFIG = REPO / "configs" / "Synthetic" / "mask_rcnn_R_18_FPN_acm.yaml"
+
+
+def _synthetic_cfg(output_dir):
+    """The built-in synthetic config with its data loading (NUM_WORKERS 1, aspect-ratio
+    grouping), batch and solver settings, on the tiny synthetic dataset at its 64 px: two
+    iterations, a checkpoint after each."""
+    from detectron2.config import get_cfg
+
+    from acm_d2 import add_acm_config
+    from acm_d2.data import ensure_synthetic_dataset
+
+    ensure_synthetic_dataset("acm_synthetic_tiny_train")
+    cfg = get_cfg()
+    add_acm_config(cfg)
+    cfg.merge_from_file(str(SYNTHETIC_CONFIG))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('acm_synthetic_tiny_train',)", "DATASETS.TEST", "()",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "11",
+        "OUTPUT_DIR", str(output_dir),
+    ])
+    assert cfg.DATALOADER.NUM_WORKERS == 1 and cfg.DATALOADER.ASPECT_RATIO_GROUPING
+    return cfg
+
+
+def _train(output_dir, resume=False):
+    from acm_d2.engine import ResumableTrainer
+
+    trainer = ResumableTrainer(_synthetic_cfg(output_dir))
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+def _killed_after(source, name, output_dir):
+    """OUTPUT_DIR as a run killed right after writing ``source/name`` leaves it."""
+    output_dir.mkdir()
+    (output_dir / name).write_bytes((source / name).read_bytes())
+    (output_dir / "last_checkpoint").write_text(name)
+
+
+@pytest.mark.slow
+def test_builtin_config_resumes_exactly_and_always_writes_model_final(tmp_path):
+    """NUM_WORKERS 1, as the built-in configs: Detectron2 creates the loader's iterator at
+    the first step of each run; that must not shift the seeded global generators."""
+    straight = tmp_path / "straight"
+    _train(straight)
+    a = load_model_weights(straight / "model_final.pth")
+    first = load_model_weights(straight / "model_0000000.pth")
+    assert any(not torch.equal(first[k], a[k]) for k in a)  # iteration 1 changed the weights
+
+    resumed = tmp_path / "resumed"
+    _killed_after(straight, "model_0000000.pth", resumed)
+    assert _train(resumed, resume=True).start_iter == 1
+    b = load_model_weights(resumed / "model_final.pth")
+    different = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a if not torch.equal(a[k], b[k])}
+    assert not different, f"resumed weights differ from the uninterrupted run's: {list(different.items())[:5]}"
+
+    # Killed while writing model_final.pth, MAX_ITER a multiple of CHECKPOINT_PERIOD:
+    # last_checkpoint names the checkpoint of the last iteration. The resume writes model_final.
+    finishing = tmp_path / "finishing"
+    _killed_after(straight, "model_0000001.pth", finishing)
+    assert _train(finishing, resume=True).start_iter == 2
+    assert (finishing / "last_checkpoint").read_text() == "model_final.pth"
+    final = torch.load(finishing / "model_final.pth", weights_only=True)
+    assert final["iteration"] == 1 and all(torch.equal(a[k], final["model"][k]) for k in a)

@@ -168,12 +168,19 @@ def test_train_then_eval_only(tmp_path):
     for task in ("bbox", "segm"):
         assert 0.0 <= tasks[task]["AP"] <= 100.0  # not NaN: the model made predictions
     assert (eval_out / "inference" / "coco_instances_results.json").is_file()
+    assert "acm_d2" in log and "ACM in every block of" in log  # acm-d2's own log lines reach the log
+
+    # --eval-only without weights is refused rather than evaluating a random model
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(train_net_command(json_file, image_root, tiny_opts(tmp_path / "none"), "--eval-only"),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--eval-only needs trained weights: set MODEL.WEIGHTS" in proc.stderr
 
 
 def test_full_model_gradient_clipping():
     from detectron2.config import get_cfg
 
-    from acm_d2.engine import ACMTrainer
+    from acm_d2.engine import ResumableTrainer
 
     cfg = get_cfg()
     cfg.merge_from_list([
@@ -182,7 +189,7 @@ def test_full_model_gradient_clipping():
         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "2.0",
     ])
     model = torch.nn.Linear(3, 4)
-    optimizer = ACMTrainer.build_optimizer(cfg, model)
+    optimizer = ResumableTrainer.build_optimizer(cfg, model)
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.full_like(p, 10.0)
@@ -193,4 +200,4 @@ def test_full_model_gradient_clipping():
 
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "whole"
     with pytest.raises(ValueError, match="full_model"):
-        ACMTrainer.build_optimizer(cfg, model)
+        ResumableTrainer.build_optimizer(cfg, model)

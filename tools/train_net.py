@@ -5,7 +5,7 @@ Detectron2's tools/train_net.py with the ACM config keys, COCO evaluation, and t
 registration of COCO-format datasets named on the command line or in the config
 (``--register-coco NAME JSON IMAGE_ROOT``, ``DATASETS.COCO_INSTANCES``), done in every
 process so that the workers started by ``launch`` have them too. The trainer is
-:class:`acm_d2.engine.ACMTrainer` (safe and atomic checkpoints, exact ``--resume``, named
+:class:`acm_d2.engine.ResumableTrainer` (safe and atomic checkpoints, exact ``--resume``, named
 non-finite losses, ``--num-gpus N`` as N CPU processes with gloo when there is no GPU);
 see docs/training.md.
 """
@@ -14,19 +14,21 @@ import os
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser, default_setup, hooks
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 
-from acm_d2 import add_acm_config
-from acm_d2.data import register_coco_format_dataset
-from acm_d2.engine import ACMCheckpointer, ACMTrainer, launch
+from detectron2.utils.logger import setup_logger
+
+from acm_d2 import get_acm_cfg
+from acm_d2.data import check_num_classes, register_coco_format_dataset
+from acm_d2.evaluation import build_coco_evaluator
+from acm_d2.engine import SafeCheckpointer, ResumableTrainer, launch
 
 
-class Trainer(ACMTrainer):
-    """ACMTrainer (Detectron2's DefaultTrainer, made resumable) with COCO evaluation for the
+class Trainer(ResumableTrainer):
+    """ResumableTrainer (Detectron2's DefaultTrainer, made resumable) with COCO evaluation for the
     datasets of DATASETS.TEST."""
 
     @classmethod
@@ -39,7 +41,7 @@ class Trainer(ACMTrainer):
             )
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return build_coco_evaluator(cfg, dataset_name, output_dir=output_folder)
 
     @classmethod
     def test_with_TTA(cls, cfg, model):
@@ -63,21 +65,14 @@ def register_datasets(cfg, args) -> None:
         register_coco_format_dataset(*entry)
 
 
-def get_config(args):
-    """The frozen config of ``--config-file`` and the command line options."""
-    cfg = get_cfg()
-    add_acm_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    return cfg
-
-
 def setup(args):
-    """Create the config, register the datasets and do Detectron2's basic set-up."""
-    cfg = get_config(args)
+    """Create the config (YAML read safely), register the datasets and do Detectron2's basic
+    set-up; acm-d2's own log lines go to the same log as Detectron2's."""
+    cfg = get_acm_cfg(args.config_file, args.opts)
+    cfg.freeze()
     register_datasets(cfg, args)
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2", abbrev_name="acm_d2")
     return cfg
 
 
@@ -85,8 +80,15 @@ def main(args):
     cfg = setup(args)
 
     if args.eval_only:
+        check_num_classes(cfg, cfg.DATASETS.TEST)
         model = Trainer.build_model(cfg)
-        ACMCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
+            raise ValueError(
+                "--eval-only needs trained weights: set MODEL.WEIGHTS path/to/model_final.pth, or pass --resume with "
+                f"a checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR}); evaluating a randomly initialised model is refused"
+            )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))
@@ -124,7 +126,7 @@ def invoke_main() -> None:
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
-        device=get_config(args).MODEL.DEVICE,  # "cpu": --num-gpus CPU processes with gloo
+        device=get_acm_cfg(args.config_file, args.opts).MODEL.DEVICE,  # "cpu": --num-gpus CPU processes with gloo
     )
 
 

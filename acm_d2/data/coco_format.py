@@ -1,24 +1,62 @@
 """Checked registration of users' own COCO-format instance datasets.
 
 :func:`register_coco_format_dataset` validates the files before anything trains, so a wrong
-path or a broken JSON fails at once with a message that names the file and the problem,
-instead of deep inside the data loader or, worse, in the evaluator after hours of training.
+path, a broken JSON or a bad record fails at once with a message that names the file, the
+record (image id, annotation id) and what to do, instead of deep inside the data loader
+(minutes or hours in), or, worse, silently: Detectron2 flips boxes of negative width, drops
+polygons with fewer than 3 points, and only its evaluator needs ``area`` and ``iscrowd``.
+
+What :func:`validate_coco_instances` checks:
+
+* the JSON: an object with lists ``images``, ``annotations`` and a non-empty ``categories``;
+  every record an object with integer ``id`` (unique per list);
+* categories: a non-empty string ``name``;
+* images: a non-empty string ``file_name``, positive integer ``width`` and ``height``;
+* annotations: ``image_id`` and ``category_id`` that exist; ``bbox`` four finite numbers
+  ``[x, y, width, height]`` with width, height > 0, inside the image (up to
+  :data:`BOX_TOLERANCE` pixels); ``area`` a finite number >= 0 and ``iscrowd`` 0 or 1 (COCO
+  evaluation needs both); ``segmentation``, if given, polygons (each an even number >= 6 of
+  finite coordinates inside the image) or an RLE (``size`` the image's ``[height, width]``,
+  ``counts`` that add up to height * width); if some annotations have masks, every
+  non-crowd annotation must have one (Detectron2 fails on batches that mix them);
+* the image files (``check_images``): each exists and is a whole image (header read, PNG
+  checksums verified, JPEG decoded at 1/8 scale: cheap) of the size the JSON says, after the
+  EXIF rotation Detectron2 applies.
+
+:func:`check_num_classes` compares ``MODEL.ROI_HEADS.NUM_CLASSES`` (or
+``MODEL.RETINANET.NUM_CLASSES``) with the categories of the training datasets;
+:class:`acm_d2.engine.ResumableTrainer` calls it before it builds the model.
 """
 import json
 import logging
+import math
 import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from PIL import Image, UnidentifiedImageError
 
-__all__ = ["CocoFormatError", "register_coco_format_dataset", "validate_coco_instances"]
+__all__ = [
+    "BOX_TOLERANCE",
+    "CocoFormatError",
+    "check_num_classes",
+    "register_coco_format_dataset",
+    "validate_coco_instances",
+]
 
 logger = logging.getLogger(__name__)
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-_SHOW = 5  # how many offending ids to quote in a message
+_SHOW = 5  # how many offending values to quote in a one-line message
+_SHOW_PROBLEMS = 10  # how many problem lines a CocoFormatError lists
+#: Pixels by which a box or polygon may leave its image (rounding in annotation tools).
+BOX_TOLERANCE = 1.0
+# EXIF orientations that swap width and height (Detectron2's read_image applies them).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class CocoFormatError(ValueError):
@@ -31,26 +69,72 @@ def _quote(values) -> str:
     return shown + (f", ... ({len(values)} in all)" if len(values) > _SHOW else "")
 
 
-def validate_coco_instances(json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike]) -> dict:
-    """Check ``json_file`` and ``image_root`` of a COCO instances dataset; return the JSON.
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    Raises:
-        FileNotFoundError: the JSON file or the image folder does not exist.
-        CocoFormatError: the file is not JSON, not COCO instances format (a key among
-            ``images``, ``annotations``, ``categories`` is missing or not a list), or its
-            annotations refer to image or category ids that do not exist, or images lack
-            ``id``/``file_name``, or image files are missing under ``image_root``.
-    """
-    json_file, image_root = Path(json_file), Path(image_root)
-    if not json_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file {json_file} does not exist (or is not a file)")
-    if not image_root.is_dir():
-        raise FileNotFoundError(f"image folder {image_root} (for {json_file}) does not exist (or is not a folder)")
+
+def _is_int(value) -> bool:
+    return type(value) is int  # not bool
+
+
+_NUMBER_TYPES = {int, float}
+
+
+def _is_number(value) -> bool:
+    return type(value) in _NUMBER_TYPES  # not bool
+
+
+def _all_finite(values) -> bool:
+    """Whether every number is finite (an integer too large for a float is not)."""
     try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except ValueError as e:
+        return all(map(math.isfinite, values))
+    except OverflowError:
+        return False
+
+
+def _is_size(value) -> bool:
+    """A positive integer (640 or 640.0)."""
+    return _is_number(value) and _all_finite([value]) and value > 0 and float(value).is_integer()
+
+
+class _Problems:
+    """Problems found in one file: (kind, record, detail); raised together."""
+
+    def __init__(self, json_file: Path):
+        self.json_file = json_file
+        self.items: List[Tuple[str, str, str]] = []
+
+    def add(self, kind: str, record: str, detail: str) -> None:
+        self.items.append((kind, record, detail))
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        lines = [f"  {record}: {detail}" for _, record, detail in self.items[:_SHOW_PROBLEMS]]
+        if len(self.items) > _SHOW_PROBLEMS:
+            kinds = Counter(kind for kind, _, _ in self.items)
+            lines.append(
+                f"  ... {len(self.items)} problems in all: "
+                + ", ".join(f"{count} x {kind}" for kind, count in kinds.most_common())
+            )
+        raise CocoFormatError(
+            f"{self.json_file}: {len(self.items)} problem{'s' if len(self.items) > 1 else ''} found; "
+            f"fix these records (or remove them) and register the dataset again:\n" + "\n".join(lines)
+        )
+
+
+def _load_json(json_file: Path):
+    try:
+        with open(json_file, "rb") as f:
+            return json.loads(f.read())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
         raise CocoFormatError(f"{json_file} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise CocoFormatError(f"{json_file} cannot be read: {e}") from e
+
+
+def _check_top_level(json_file: Path, data) -> None:
     if not isinstance(data, dict):
         raise CocoFormatError(
             f"{json_file} is not COCO instances format: the top level is a {type(data).__name__}, "
@@ -67,39 +151,325 @@ def validate_coco_instances(json_file: Union[str, os.PathLike], image_root: Unio
             raise CocoFormatError(
                 f"{json_file} is not COCO instances format: '{key}' is a {type(data[key]).__name__}, expected a list"
             )
+    if not data["categories"]:
+        raise CocoFormatError(
+            f"{json_file}: 'categories' is empty; list every category as "
+            f'{{"id": 1, "name": "..."}} (the model predicts one class per category)'
+        )
 
-    bad_images = [i for i, img in enumerate(data["images"]) if not isinstance(img, dict) or "id" not in img or "file_name" not in img]
-    if bad_images:
-        raise CocoFormatError(f"{json_file}: images at positions {_quote(bad_images)} lack 'id' or 'file_name'")
-    image_ids = {img["id"] for img in data["images"]}
-    category_ids = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
 
-    orphan = sorted({a.get("image_id") for a in data["annotations"] if a.get("image_id") not in image_ids}, key=str)
+def _records_with_ids(key: str, records: list, problems: _Problems) -> Dict[int, dict]:
+    """The records of ``data[key]`` that are objects with a unique integer id, by id."""
+    by_id: Dict[int, dict] = {}
+    for position, record in enumerate(records):
+        where = f"{key}[{position}]"
+        if not isinstance(record, dict):
+            problems.add(f"{key} entry not an object", where, f"is {_short(record)}, expected an object")
+            continue
+        record_id = record.get("id")
+        if not _is_int(record_id):
+            problems.add(f"{key} id not an integer", where, f"'id' is {_short(record_id) if 'id' in record else 'missing'}; give every entry a unique integer id")
+        elif record_id in by_id:
+            problems.add(f"duplicate {key} id", where, f"id {record_id} is used twice; ids must be unique in '{key}'")
+        else:
+            by_id[record_id] = record
+    return by_id
+
+
+def _check_categories(categories: Dict[int, dict], problems: _Problems) -> None:
+    for cat_id, cat in categories.items():
+        name = cat.get("name")
+        if not isinstance(name, str) or not name:
+            problems.add("category without name", f"category id {cat_id}", f"'name' is {_short(name) if 'name' in cat else 'missing'}; expected a non-empty string")
+
+
+def _check_images(images: Dict[int, dict], problems: _Problems) -> None:
+    for image_id, img in images.items():
+        where = f"image id {image_id}"
+        name = img.get("file_name")
+        if not isinstance(name, str) or not name:
+            problems.add("bad file_name", where, f"'file_name' is {_short(name) if 'file_name' in img else 'missing'}; expected the image's path under the image folder, a string")
+        for key in ("width", "height"):
+            if not _is_size(img.get(key)):
+                problems.add(f"bad image {key}", where, f"'{key}' is {_short(img.get(key)) if key in img else 'missing'}; expected the image's {key} in pixels, a positive integer")
+
+
+def _image_size(img: dict) -> Optional[Tuple[float, float]]:
+    if _is_size(img.get("width")) and _is_size(img.get("height")):
+        return float(img["width"]), float(img["height"])
+    return None
+
+
+def _check_bbox(bbox, size, problems: _Problems, where: str) -> None:
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        problems.add("bad bbox", where, f"bbox {_short(bbox)} is not four numbers [x, y, width, height]")
+        return
+    if not _all_finite(bbox):
+        problems.add("non-finite bbox", where, f"bbox {_short(bbox)} has NaN or infinite values")
+        return
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        problems.add(
+            "bbox with width or height <= 0", where,
+            f"bbox {_short(bbox)} has width {w} and height {h}; COCO boxes are [x, y, width, height] with "
+            f"width, height > 0 (is it [x1, y1, x2, y2]?)",
+        )
+        return
+    if size is not None:
+        width, height = size
+        t = BOX_TOLERANCE
+        if x < -t or y < -t or x + w > width + t or y + h > height + t:
+            problems.add(
+                "bbox outside the image", where,
+                f"bbox {_short(bbox)} (x {x} to {x + w}, y {y} to {y + h}) leaves the {width:g}x{height:g} image "
+                f"by more than {t:g} px; clip it to the image or fix the image's width/height",
+            )
+
+
+def _rle_string_counts(counts: str) -> Optional[List[int]]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString), or None
+    if the string is not one."""
+    runs: List[int] = []
+    position = 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                return None
+            c = ord(counts[position]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << (5 * shift)
+            more = bool(c & 0x20)
+            position += 1
+            shift += 1
+            if not more and c & 0x10:
+                value |= -1 << (5 * shift)
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
+def _check_segmentation(segm, size, problems: _Problems, where: str) -> bool:
+    """Check ``segm``; return whether it is a non-empty segmentation."""
+    if isinstance(segm, list):
+        if not segm:
+            return False
+        t = BOX_TOLERANCE
+        for i, polygon in enumerate(segm):
+            if not isinstance(polygon, list) or not set(map(type, polygon)) <= _NUMBER_TYPES:  # C speed
+                problems.add("bad polygon", where, f"segmentation polygon {i} is {_short(polygon)}, not a list of numbers [x1, y1, x2, y2, ...]")
+            elif len(polygon) < 6 or len(polygon) % 2:
+                problems.add(
+                    "polygon with < 3 points or odd length", where,
+                    f"segmentation polygon {i} has {len(polygon)} coordinates; a polygon needs an even number, at "
+                    f"least 6 (3 points) (Detectron2 would drop the whole annotation); remove the polygon",
+                )
+            elif not _all_finite(polygon):
+                problems.add("non-finite polygon", where, f"segmentation polygon {i} has NaN or infinite coordinates")
+            elif size is not None and (
+                min(polygon[0::2]) < -t or min(polygon[1::2]) < -t
+                or max(polygon[0::2]) > size[0] + t or max(polygon[1::2]) > size[1] + t
+            ):
+                problems.add(
+                    "polygon outside the image", where,
+                    f"segmentation polygon {i} (x {min(polygon[0::2])} to {max(polygon[0::2])}, y "
+                    f"{min(polygon[1::2])} to {max(polygon[1::2])}) leaves the {size[0]:g}x{size[1]:g} image by more than {t:g} px",
+                )
+        return True
+    if isinstance(segm, dict):
+        rle_size, counts = segm.get("size"), segm.get("counts")
+        if not (isinstance(rle_size, list) and len(rle_size) == 2 and all(_is_int(v) and v > 0 for v in rle_size)):
+            problems.add("bad RLE", where, f"RLE 'size' is {_short(rle_size)}; expected [height, width] of the image")
+            return True
+        if size is not None and rle_size != [int(size[1]), int(size[0])]:
+            problems.add("RLE size differs from the image", where, f"RLE 'size' {rle_size} is not the image's [height, width] [{size[1]:g}, {size[0]:g}]")
+            return True
+        if isinstance(counts, str):
+            runs = _rle_string_counts(counts)
+        elif isinstance(counts, list) and all(_is_int(v) for v in counts):
+            runs = counts
+        else:
+            problems.add("bad RLE", where, f"RLE 'counts' is {_short(counts)}; expected a compressed RLE string or a list of run lengths")
+            return True
+        total = rle_size[0] * rle_size[1]
+        if runs is None:
+            problems.add("bad RLE", where, "RLE 'counts' is a string that is not a compressed COCO RLE (pycocotools' encoding)")
+        elif any(r < 0 for r in runs):
+            problems.add("bad RLE", where, "RLE 'counts' has negative run lengths")
+        elif sum(runs) != total:
+            problems.add(
+                "bad RLE", where,
+                f"RLE 'counts' add up to {sum(runs)} pixels, not the {total} of its {rle_size[0]}x{rle_size[1]} 'size'",
+            )
+        return True
+    problems.add("bad segmentation", where, f"segmentation is {_short(segm)}; expected a list of polygons or an RLE object")
+    return True
+
+
+def _check_annotations(
+    annotations: Dict[int, dict], images: Dict[int, dict], category_ids: Iterable[int], problems: _Problems
+) -> None:
+    category_ids = set(category_ids)
+    sizes = {image_id: _image_size(img) for image_id, img in images.items()}
+    orphan, unknown = {}, {}
+    with_mask, without_mask = [], []
+    for ann_id, ann in annotations.items():
+        image_id = ann.get("image_id")
+        where = f"annotation id {ann_id} (image id {_short(image_id)})"
+        if not _is_int(image_id) or image_id not in images:
+            orphan.setdefault(_short(image_id), ann_id)
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
+            unknown.setdefault(_short(ann.get("category_id")), ann_id)
+        size = sizes.get(image_id) if _is_int(image_id) else None
+        if "bbox" not in ann:
+            problems.add("missing bbox", where, "no 'bbox'; every annotation needs [x, y, width, height]")
+        else:
+            _check_bbox(ann["bbox"], size, problems, where)
+        crowd = ann.get("iscrowd", None)
+        if not (_is_int(crowd) and crowd in (0, 1)):
+            problems.add("bad iscrowd", where, f"'iscrowd' is {_short(crowd) if 'iscrowd' in ann else 'missing'}; expected 0 or 1 (COCO evaluation needs it)")
+        area = ann.get("area")
+        if not (_is_number(area) and _all_finite([area]) and area >= 0):
+            problems.add("bad area", where, f"'area' is {_short(area) if 'area' in ann else 'missing'}; expected the object's area in pixels, a number >= 0 (COCO evaluation needs it; width * height of the box will do)")
+        has_mask = "segmentation" in ann and _check_segmentation(ann["segmentation"], size, problems, where)
+        if crowd != 1:
+            (with_mask if has_mask else without_mask).append(ann_id)
     if orphan:
-        raise CocoFormatError(
-            f"{json_file}: annotations refer to image ids that are not in 'images': {_quote(orphan)}"
+        problems.add(
+            "unknown image id", "annotations",
+            f"refer to image ids that are not in 'images': {', '.join(list(orphan)[:_SHOW])} "
+            f"(annotation ids {_quote(orphan.values())})",
         )
-    unknown = sorted({a.get("category_id") for a in data["annotations"] if a.get("category_id") not in category_ids}, key=str)
     if unknown:
-        raise CocoFormatError(
-            f"{json_file}: annotations refer to category ids that are not in 'categories': {_quote(unknown)}"
+        problems.add(
+            "unknown category id", "annotations",
+            f"refer to category ids that are not in 'categories': {', '.join(list(unknown)[:_SHOW])} "
+            f"(annotation ids {_quote(unknown.values())})",
         )
-    absent = [img["file_name"] for img in data["images"] if not (image_root / img["file_name"]).is_file()]
+    if with_mask and without_mask:
+        problems.add(
+            "annotation without mask", "annotations",
+            f"{len(without_mask)} of {len(with_mask) + len(without_mask)} non-crowd annotations have no (or an empty) "
+            f"segmentation while the others have one (annotation ids {_quote(without_mask)}); Detectron2 fails on "
+            f"batches that mix them: give every annotation a polygon or RLE, or none (a box-only dataset)",
+        )
+
+
+def _ends_with_jpeg_eoi(path: Path) -> bool:
+    """Whether the file ends with JPEG's end-of-image marker (FF D9), padding aside."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 64))
+        return f.read().rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
+def _read_image_size(path: Path):
+    """(width, height) as Detectron2's read_image sees it (after the EXIF rotation), or a
+    string saying why the file is not a whole image. Reads the header; checks PNG checksums
+    without decompressing; a JPEG that does not end with its end-of-image marker is decoded at
+    1/8 scale (truncated files fail there); other formats are decoded."""
+    try:
+        with Image.open(path) as img:
+            width, height, png = img.size[0], img.size[1], img.format == "PNG"
+            try:
+                orientation = img.getexif().get(0x0112)
+            except Exception:  # noqa: BLE001 - a broken EXIF block: Detectron2 ignores it too
+                orientation = None
+            if img.format == "JPEG" and not _ends_with_jpeg_eoi(path):  # else whole: no decoding
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                img.load()  # raises if truncated; a file with trailing bytes after its end passes
+            elif not png and img.format != "JPEG":
+                img.load()
+        if png:
+            with Image.open(path) as img:  # verify() must come right after open
+                img.verify()
+    except FileNotFoundError:
+        return "missing"
+    except UnidentifiedImageError:
+        return "is not an image file PIL can read"
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, unreadable: say which
+        return f"is not a whole image ({type(e).__name__}: {e})"
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return width, height
+
+
+def _check_image_files(image_root: Path, images: Dict[int, dict], problems: _Problems) -> None:
+    named = {i: img["file_name"] for i, img in images.items() if isinstance(img.get("file_name"), str) and img["file_name"]}
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = dict(zip(named, pool.map(lambda name: _read_image_size(image_root / name), named.values())))
+    absent = [named[i] for i, r in results.items() if r == "missing"]
     if absent:
-        raise CocoFormatError(
-            f"{json_file}: {len(absent)} of {len(data['images'])} image files are missing under {image_root}: "
-            f"{_quote(absent)}"
+        problems.add(
+            "missing image file", "images",
+            f"{len(absent)} of {len(images)} image files are missing under {image_root}: {_quote(absent)}",
         )
+    for image_id, result in results.items():
+        where = f"image id {image_id} ({named[image_id]})"
+        if result == "missing":
+            continue
+        if isinstance(result, str):
+            problems.add("unreadable image", where, f"the file {result}; replace it, or remove the image and its annotations")
+            continue
+        size = _image_size(images[image_id])
+        if size is not None and (float(result[0]), float(result[1])) != size:
+            problems.add(
+                "image size differs from the JSON", where,
+                f"the file is {result[0]}x{result[1]} pixels (width x height, after EXIF rotation) but the JSON says "
+                f"width {images[image_id]['width']}, height {images[image_id]['height']}; fix the JSON (Detectron2 "
+                f"would stop when it first draws this image)",
+            )
+
+
+def validate_coco_instances(
+    json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], check_images: bool = True
+) -> dict:
+    """Check ``json_file`` and ``image_root`` of a COCO instances dataset; return the JSON.
+
+    See the module docstring for what is checked. ``check_images=False`` skips opening the
+    image files (then only their existence is checked).
+
+    Raises:
+        FileNotFoundError: the JSON file or the image folder does not exist.
+        CocoFormatError: anything else; the message names the file and lists the offending
+            records (image id, annotation id, position) with what to do.
+    """
+    json_file, image_root = Path(json_file), Path(image_root)
+    if not json_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file {json_file} does not exist (or is not a file)")
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"image folder {image_root} (for {json_file}) does not exist (or is not a folder)")
+    data = _load_json(json_file)
+    _check_top_level(json_file, data)
+
+    problems = _Problems(json_file)
+    categories = _records_with_ids("categories", data["categories"], problems)
+    images = _records_with_ids("images", data["images"], problems)
+    annotations = _records_with_ids("annotations", data["annotations"], problems)
+    _check_categories(categories, problems)
+    _check_images(images, problems)
+    _check_annotations(annotations, images, categories, problems)
+    if check_images:
+        _check_image_files(image_root, images, problems)
+    else:
+        absent = [img["file_name"] for img in images.values() if isinstance(img.get("file_name"), str) and not (image_root / img["file_name"]).is_file()]
+        if absent:
+            problems.add("missing image file", "images", f"{len(absent)} of {len(images)} image files are missing under {image_root}: {_quote(absent)}")
+    problems.raise_if_any()
     return data
 
 
 def register_coco_format_dataset(
-    name: str, json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike]
+    name: str, json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], check_images: bool = True
 ) -> str:
     """Validate a COCO instances dataset, then register it with Detectron2 under ``name``.
 
     Calls :func:`validate_coco_instances` (see there for the errors), then Detectron2's
-    ``register_coco_instances``; the dataset is then usable in ``DATASETS.TRAIN/TEST`` and by
+    ``register_coco_instances`` with ``thing_classes`` (the category names in id order, as
+    Detectron2's loader orders them) in the metadata, so :func:`check_num_classes` works
+    without loading the dataset. The dataset is then usable in ``DATASETS.TRAIN/TEST`` and by
     ``COCOEvaluator``. Registering the same (name, json_file, image_root) again does
     nothing; registering a name that is already taken by another dataset raises
     ``ValueError``. Returns ``name``.
@@ -121,10 +491,69 @@ def register_coco_format_dataset(
             f"dataset name '{name}' is already registered to json_file={old_json}, image_root={old_root}; "
             f"cannot register it again to json_file={json_abs}, image_root={root_abs}. Choose another name."
         )
-    data = validate_coco_instances(json_abs, root_abs)
+    data = validate_coco_instances(json_abs, root_abs, check_images=check_images)
     logger.info(
         "Registering COCO-format dataset '%s': %s (%d images, %d annotations, %d categories), images in %s",
         name, json_abs, len(data["images"]), len(data["annotations"]), len(data["categories"]), root_abs,
     )
-    register_coco_instances(name, {}, json_abs, root_abs)
+    thing_classes = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    register_coco_instances(name, {"thing_classes": thing_classes}, json_abs, root_abs)
     return name
+
+
+def _num_classes_setting(cfg) -> Optional[str]:
+    """The config key with the number of classes the model predicts, or None."""
+    meta = cfg.MODEL.META_ARCHITECTURE
+    if meta == "WithACMOrthLoss" and "ACM" in cfg.MODEL:
+        meta = cfg.MODEL.ACM.META_ARCHITECTURE
+    if "RetinaNet" in meta:
+        return "MODEL.RETINANET.NUM_CLASSES"
+    if "RCNN" in meta:
+        return "MODEL.ROI_HEADS.NUM_CLASSES"
+    return None
+
+
+def check_num_classes(cfg, dataset_names: Optional[Sequence[str]] = None) -> None:
+    """Check that the model predicts as many classes as the datasets have categories.
+
+    Compares ``MODEL.ROI_HEADS.NUM_CLASSES`` (R-CNN meta-architectures) or
+    ``MODEL.RETINANET.NUM_CLASSES`` (RetinaNet; with ``WithACMOrthLoss`` the one of
+    ``MODEL.ACM.META_ARCHITECTURE``) with the number of ``thing_classes`` in the metadata of
+    ``dataset_names`` (default ``DATASETS.TRAIN``). Datasets whose metadata has no
+    ``thing_classes`` yet (registered without them and not loaded) are not checked.
+
+    Raises:
+        ValueError: the setting is smaller than a dataset's number of categories (the extra
+            categories would be trained as background, or crash the loss); the message names
+            the setting, the datasets and the value to set. A larger setting only logs a
+            warning (classes that are never trained).
+    """
+    key = _num_classes_setting(cfg)
+    names = list(cfg.DATASETS.TRAIN if dataset_names is None else dataset_names)
+    if key is None or not names:
+        return
+    value = cfg.MODEL.RETINANET.NUM_CLASSES if key.startswith("MODEL.RETINANET") else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    setting = "DATASETS.TRAIN" if dataset_names is None else "the datasets"
+    counts = {}
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes") if name in MetadataCatalog.list() else None
+        if classes is None:
+            logger.info("Dataset '%s' has no thing_classes in its metadata yet: %s not checked against it", name, key)
+        else:
+            counts[name] = list(classes)
+    if not counts:
+        return
+    largest = max(len(c) for c in counts.values())
+    described = ", ".join(
+        f"'{n}' has {len(c)} ({_quote(c)})" for n, c in counts.items()
+    )
+    if value < largest:
+        raise ValueError(
+            f"{key}={value}, but {setting} {names} have more categories: {described}. The model would "
+            f"train the categories beyond {value} as background (or fail in the loss). Set {key} {largest}."
+        )
+    if value > largest:
+        logger.warning(
+            "%s=%d, but %s %s have at most %d categories (%s): %d classes of the model are never trained",
+            key, value, setting, names, largest, described, value - largest,
+        )

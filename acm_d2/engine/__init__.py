@@ -1,13 +1,13 @@
 """Training machinery for long runs: safe and atomic checkpoints, exact resume, clear
 errors for non-finite losses, and distributed training also on the CPU (see
 docs/training.md)."""
-from .checkpointer import ACMCheckpointer, ACMShapeMismatchError, CheckpointLoadError, atomic_write
+from .checkpointer import SafeCheckpointer, ACMShapeMismatchError, CheckpointLoadError, atomic_write
 from .data import ResumableTrainingSampler, SeededMapDataset, build_resumable_train_loader
 from .launcher import launch
 from .trainer import (
-    ACMAMPTrainer,
-    ACMSimpleTrainer,
-    ACMTrainer,
+    CheckedAMPTrainer,
+    CheckedSimpleTrainer,
+    ResumableTrainer,
     IterationSeed,
     check_distributed_setup,
     create_ddp_model_any_device,
@@ -15,11 +15,11 @@ from .trainer import (
 )
 
 __all__ = [
-    "ACMAMPTrainer",
-    "ACMCheckpointer",
+    "CheckedAMPTrainer",
+    "SafeCheckpointer",
     "ACMShapeMismatchError",
-    "ACMSimpleTrainer",
-    "ACMTrainer",
+    "CheckedSimpleTrainer",
+    "ResumableTrainer",
     "CheckpointLoadError",
     "IterationSeed",
     "ResumableTrainingSampler",

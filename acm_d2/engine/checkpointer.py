@@ -1,10 +1,16 @@
 """A Detectron2 checkpointer that is strict about ACM parameters, safe, and atomic.
 
-:class:`ACMCheckpointer` is Detectron2's :class:`DetectionCheckpointer` with four changes:
+:class:`SafeCheckpointer` is Detectron2's :class:`DetectionCheckpointer` with these changes:
 
-* ``.pth`` files load with ``torch.load(..., weights_only=True)``: no code stored in a file
-  runs. ``.pkl`` model-zoo files still go through Detectron2's own pickle reader (only those
-  formats); unpickling a ``.pkl`` runs code, so use ``.pkl`` files from trusted sources only.
+* every file that is not a ``.pkl`` (``.pth``, ``.pyth``, any other name) loads with
+  :func:`acm_d2.checkpoint.safe_torch_load` (``torch.load(..., weights_only=True)``): no
+  code stored in a file runs, also with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set. ``.pkl``
+  model-zoo files named explicitly (``MODEL.WEIGHTS``, ``load(path)``) still go through
+  Detectron2's own pickle reader, with a warning: unpickling a ``.pkl`` runs code, so use
+  ``.pkl`` files from trusted sources only.
+* ``--resume`` (``resume_or_load(..., resume=True)``) loads only what ``last_checkpoint``
+  names if that is the plain file name of a ``.pth`` file in ``save_dir``; anything else (a
+  path, a ``.pkl``) raises :class:`acm_d2.checkpoint.CheckpointLoadError`.
 * A file that is neither a Detectron2/PyTorch checkpoint nor a known model-zoo format (a
   text file, a truncated ``.pth``) raises :class:`acm_d2.checkpoint.CheckpointLoadError`
   naming the file and the problem.
@@ -13,32 +19,33 @@
   skipped ACM parameter would silently keep its random initialisation). Other mismatched
   keys (e.g. a box predictor for another number of classes when fine-tuning) keep
   Detectron2's behaviour. ACM parameters that are *missing* (loading ImageNet weights into
-  an ACM model) are reported as missing, as Detectron2 does. Checkpoints in the layout of
-  the ACM authors' fork (``<block>.module.add_mod.*``) are converted on the fly.
+  an ACM model) are reported as missing, as Detectron2 does. (Checkpoints in the layout of
+  the ACM authors' fork are converted by the model itself while it loads.)
 * ``save`` writes ``model_XXXX.pth`` / ``model_final.pth`` and ``last_checkpoint``
   atomically (a temporary file in the same folder, fsync, ``os.replace``): a kill during a
   write leaves the previous files intact, so ``--resume`` always finds a whole checkpoint.
+  A full disk raises :class:`CheckpointSaveError`, which says so, names the file and the
+  space it needed.
 """
+import errno
 import logging
 import os
 import pickle
-import re
+import shutil
 import tempfile
-import zipfile
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoint import CheckpointLoadError, convert_official_state_dict
-from ..modeling.context_module import ResidualContextModule
+from ..checkpoint import CheckpointLoadError, safe_torch_load
+from ..modeling import ACM, SqueezeExcitation
 
-__all__ = ["ACMCheckpointer", "ACMShapeMismatchError", "CheckpointLoadError", "atomic_write"]
+__all__ = ["SafeCheckpointer", "ACMShapeMismatchError", "CheckpointLoadError", "CheckpointSaveError", "atomic_write"]
 
 logger = logging.getLogger(__name__)
 
 # A key of the ACM authors' fork: "<block>.module.{add,sub,mul}_mod.*".
-_AUTHORS_KEY = re.compile(r"(^|\.)module\.(add_mod|sub_mod|mul_mod)\.")
 
 
 class ACMShapeMismatchError(ValueError):
@@ -50,6 +57,11 @@ class ACMShapeMismatchError(ValueError):
     def __init__(self, message: str, mismatches: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]):
         super().__init__(message)
         self.mismatches = mismatches
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written because the disk (or quota) is full; the previous
+    checkpoints and ``last_checkpoint`` are intact. ``errno`` is the OS error's."""
 
 
 def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -97,7 +109,7 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
-class ACMCheckpointer(DetectionCheckpointer):
+class SafeCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with safe loading, ACM shape checks and atomic saves.
 
     Same arguments as :class:`DetectionCheckpointer` (model, save_dir, save_to_disk,
@@ -122,8 +134,35 @@ class ACMCheckpointer(DetectionCheckpointer):
             raise ValueError(f"checkpoint name {name!r} must not contain a folder")
         self.logger.info("Saving checkpoint to %s", save_file)
         os.makedirs(self.save_dir, exist_ok=True)
-        atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        try:
+            atomic_write(save_file, lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(basename)
+        except (OSError, RuntimeError) as e:  # torch.save turns a full disk into a RuntimeError
+            code = _disk_full_errno(e)
+            if code is None:
+                raise
+            message = self._disk_full_message(save_file, _storage_nbytes(data))
+            self.logger.error(message)
+            raise CheckpointSaveError(code, message) from e
+
+    def _disk_full_message(self, save_file: str, needed: int) -> str:
+        free = shutil.disk_usage(self.save_dir).free
+        try:
+            last = self.get_checkpoint_file()
+        except CheckpointLoadError:
+            last = ""
+        kept = (
+            f"the previous checkpoint {os.path.basename(last)} is intact and last_checkpoint still names it"
+            if last and os.path.isfile(last)
+            else "no earlier checkpoint was touched"
+        )
+        return (
+            f"Disk full: no space left on the device of {self.save_dir} to write the checkpoint "
+            f"{save_file} (it needs about {_mib(needed)}; {_mib(free)} are free there). Nothing was "
+            f"lost: the partial file was removed and {kept}. Free some space (e.g. delete old "
+            f"model_*.pth files) or set OUTPUT_DIR to a disk with room (copy the checkpoints and "
+            f"last_checkpoint over), then run the same command with --resume."
+        )
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Write ``last_checkpoint`` atomically (a half-written name would break ``--resume``)."""
@@ -148,6 +187,33 @@ class ACMCheckpointer(DetectionCheckpointer):
                     pass
 
     # --------------------------------------------------------------- loading
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint named in ``save_dir/last_checkpoint`` ("" if there is none).
+
+        Raises :class:`CheckpointLoadError` unless the name is the plain file name of a
+        ``.pth`` file in ``save_dir``: ``--resume`` never follows it to another folder or to
+        a ``.pkl`` (which would be unpickled).
+        """
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            with self.path_manager.open(save_file, "r") as f:
+                name = f.read().strip()
+        except OSError:  # deleted in between: as Detectron2, no checkpoint
+            return ""
+        plain = name and name not in (".", "..") and "/" not in name and "\\" not in name and os.sep not in name
+        if not (plain and name.endswith(".pth")):
+            found = sorted(n for n in os.listdir(self.save_dir) if n.endswith(".pth")) if _is_local(self.save_dir) else []
+            message = (
+                f"{save_file} names {name!r}, which is not the file name of a .pth checkpoint in "
+                f"{self.save_dir}: --resume loads only checkpoints that training wrote into OUTPUT_DIR "
+                f"(model_XXXXXXX.pth, model_final.pth), never a path elsewhere or a .pkl (unpickling "
+                f"runs code). Write the name of one of them into last_checkpoint "
+                f"(found: {found[-5:] or 'none'}), or delete last_checkpoint to start from MODEL.WEIGHTS."
+            )
+            self.logger.error(message)
+            raise CheckpointLoadError(message)
+        return os.path.join(self.save_dir, name)
+
     def load(self, path, *args, **kwargs):
         if path and _is_local(path) and "?" not in path and not os.path.isfile(path):
             # Detectron2 would fail with a bare AssertionError "Checkpoint ... not found!"
@@ -160,6 +226,12 @@ class ACMCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename: str):
         if filename.endswith(".pkl"):
             # Detectron2's reader of its model-zoo and Caffe2 .pkl formats (this unpickles).
+            self.logger.warning(
+                "Loading %s with pickle: .pkl is Detectron2's / Caffe2's model-zoo format, and "
+                "unpickling runs any code stored in the file. Load .pkl files only from sources you "
+                "trust (Detectron2's model zoo, your own conversions).",
+                filename,
+            )
             try:
                 loaded = super()._load_file(filename)
             except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, AttributeError, TypeError, ImportError) as e:
@@ -167,28 +239,24 @@ class ACMCheckpointer(DetectionCheckpointer):
                     f"{filename}: not a Detectron2 / Caffe2 model-zoo .pkl file ({type(e).__name__}: {e}). "
                     f"The file may be truncated ({os.path.getsize(filename)} bytes) or in another format."
                 ) from e
-            self._check_loaded(loaded, filename)
-            return loaded
-        loaded = super()._load_file(filename)  # .pyth and .pth; .pth goes through _torch_load
+        elif filename.endswith(".pyth"):  # pycls checkpoints, read as Detectron2 does but safely
+            loaded = safe_torch_load(filename)
+            if not isinstance(loaded, dict) or not isinstance(loaded.get("model_state"), dict):
+                raise CheckpointLoadError(
+                    f"{filename}: a .pyth file is read as a pycls checkpoint, which holds a dict with "
+                    f"'model_state'; this file has {type(loaded).__name__}"
+                    + (f" with keys {sorted(map(str, loaded))[:5]}" if isinstance(loaded, dict) else "")
+                )
+            state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
+            loaded = {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        else:
+            loaded = super()._load_file(filename)  # calls _torch_load
         self._check_loaded(loaded, filename)
         return loaded
 
     def _torch_load(self, f: str):
-        """``torch.load(f, weights_only=True)`` with a clear error for unreadable files."""
-        try:
-            loaded = torch.load(f, map_location=torch.device("cpu"), weights_only=True)
-        except pickle.UnpicklingError as e:
-            if _looks_like_torch_file(f):
-                raise CheckpointLoadError(
-                    f"{f} cannot be loaded with torch.load(weights_only=True): it stores Python objects "
-                    f"besides tensors, and unpickling them could run arbitrary code. Checkpoints written "
-                    f"by acm-d2 and files converted by tools/convert_official_checkpoint.py hold tensors "
-                    f"only; convert a trusted file with that tool (--trust-pickle). Details: "
-                    f"{str(e).splitlines()[0]}"
-                ) from e
-            raise CheckpointLoadError(_unreadable_message(f, e)) from e
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
-            raise CheckpointLoadError(_unreadable_message(f, e)) from e
+        """:func:`acm_d2.checkpoint.safe_torch_load`, and the result must be a dict."""
+        loaded = safe_torch_load(f)
         if not isinstance(loaded, dict):
             raise CheckpointLoadError(
                 f"{f}: not a checkpoint: expected a dict of tensors or Detectron2's "
@@ -212,13 +280,21 @@ class ACMCheckpointer(DetectionCheckpointer):
             )
 
     def _load_model(self, checkpoint):
-        state = checkpoint["model"]
-        if any(_AUTHORS_KEY.search(k) for k in state):
-            self.logger.info("Converting the ACM keys of the ACM authors' layout (<block>.module.add_mod.*)")
-            checkpoint["model"], _ = convert_official_state_dict(state, strict=True)
+        # The model converts checkpoints in the ACM authors' layout itself while it loads.
+        checkpoint_keys = list(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
+        # (fvcore leaves BN's num_batches_tracked out of the missing keys)
+        model_keys = [k for k in self.model.state_dict() if not k.endswith("num_batches_tracked")]
+        if model_keys and not set(model_keys) - set(incompatible.missing_keys):
+            message = (
+                f"None of the {len(model_keys)} parameters and buffers of the model was found in the checkpoint "
+                f"({len(checkpoint_keys)} entries, e.g. {checkpoint_keys[:3]}): it is the checkpoint of "
+                f"another model; check MODEL.WEIGHTS and the config it was trained with"
+            )
+            self.logger.error(message)
+            raise CheckpointLoadError(message)
         context_prefixes = tuple(
-            f"{name}." for name, module in self.model.named_modules() if isinstance(module, ResidualContextModule)
+            f"{name}." for name, module in self.model.named_modules() if isinstance(module, (ACM, SqueezeExcitation))
         )
         mismatched = [m for m in incompatible.incorrect_shapes if m[0].startswith(context_prefixes)]
         if mismatched:
@@ -236,25 +312,33 @@ class ACMCheckpointer(DetectionCheckpointer):
         return incompatible
 
 
-def _looks_like_torch_file(path: str) -> bool:
-    """torch.save's zip format, or the legacy pickle format (protocol 2+ starts with 0x80)."""
-    if zipfile.is_zipfile(path):
-        return True
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+def _disk_full_errno(error: BaseException) -> Optional[int]:
+    """ENOSPC / EDQUOT if ``error`` or an error it was raised from says the disk is full."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error.errno
+        error = error.__cause__ or error.__context__
+    return None
 
 
-def _unreadable_message(path: str, error: BaseException) -> str:
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK"):
-        what = "a zip archive like torch.save's, but unreadable: probably truncated or corrupted"
-    elif head[:1] == b"\x80":
-        what = "a legacy pickle that cannot be read"
-    else:
-        what = "not a PyTorch or Detectron2 checkpoint (neither torch.save's zip format nor a model-zoo .pkl)"
-    return (
-        f"Cannot load checkpoint {path} ({size} bytes): {what}. "
-        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-    )
+def _storage_nbytes(obj, seen=None) -> int:
+    """Bytes of the tensor storages in a (nested) checkpoint dict: what torch.save writes,
+    give or take a few kilobytes."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_storage_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_storage_nbytes(v, seen) for v in obj)
+    return 0
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

@@ -14,6 +14,10 @@ augmentations (flip, resize) come from a freshly seeded generator. Here:
   augmentation of an image depends only on where it is in the stream, not on what ran
   before, also in DataLoader worker processes.
 
+The DataLoader gets its own seeded generator, so creating its iterator (Detectron2 does
+that lazily, at the first step of each run) never draws from the global generators that the
+trainer seeds at every iteration.
+
 The guarantee (see docs/training.md): with the same seed and world size, a resumed run gets
 exactly the batches of the uninterrupted run when DATALOADER.ASPECT_RATIO_GROUPING is off
 (any NUM_WORKERS), or when it is on and NUM_WORKERS is 0 or 1 (the aspect-ratio buckets are
@@ -206,6 +210,10 @@ def build_resumable_train_loader(cfg, mapper=None, seed: Optional[int] = None):
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=grouping,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
+        # The DataLoader's own generator: without one, creating its iterator (lazily, at the
+        # first step of a run) draws from the global generator that IterationSeed has just
+        # seeded, at iteration 0 in a full run but at the resume iteration in a resumed one.
+        seed=derived_seed(sampler.seed, comm.get_rank(), 3),
     )
     if grouping and cfg.DATALOADER.NUM_WORKERS > 1:
         logger.info(

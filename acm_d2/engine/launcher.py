@@ -1,21 +1,129 @@
-"""Detectron2's ``launch``, also for CPU training on machines that have GPUs.
+"""Start training processes: Detectron2's ``launch``, or join processes started by torchrun/SLURM.
 
-Detectron2's workers use NCCL and ``torch.cuda.set_device`` whenever CUDA is available, and
-gloo otherwise. CPU training (``MODEL.DEVICE cpu``) with several processes on a machine with
-GPUs would then hand CPU tensors to NCCL. :func:`launch` hides the GPUs from the workers in
-that case, so that Detectron2's own ``launch`` picks gloo; ``--num-gpus N`` is then the
-number of CPU processes. Everything else is Detectron2's ``launch``.
+:func:`launch` has the signature of Detectron2's ``launch`` and picks one of two ways:
+
+* **Started by an external launcher** (``torchrun``, TorchX, Kubernetes, the SLURM jobs of
+  :mod:`acm_d2.engine.slurm`): the environment holds ``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Every process
+  joins the group from that environment (``init_method="env://"``) and runs ``main_func``
+  itself; nothing is spawned. ``--num-gpus``, ``--num-machines``, ``--machine-rank`` and
+  ``--dist-url`` are then the launcher's business (``torchrun --nnodes --nproc_per_node``).
+* **Otherwise** Detectron2's ``launch`` spawns ``num_gpus_per_machine`` processes on each of
+  ``num_machines`` machines, which join at ``dist_url``.
+
+Either way the backend is NCCL for models on GPUs and gloo for CPU training (``MODEL.DEVICE
+cpu``, or no CUDA). For CPU training with several processes on a machine that has GPUs,
+the spawned workers are started with the GPUs hidden (Detectron2 would pick NCCL).
+
+A worker whose ``main_func`` raises logs ``Rank R (machine M, local rank L) failed`` (and adds
+it to the error's traceback on Python >= 3.11) before the error propagates: Detectron2's spawning reports the failed process (local index) and
+torchrun reports the failed rank, and the other processes stop (their collectives fail, or
+torchrun ends them).
 """
 import logging
 import os
+from datetime import timedelta
+from typing import Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
+from detectron2.utils import comm
 
-__all__ = ["launch"]
+__all__ = ["launch", "external_launcher_environment"]
 
 logger = logging.getLogger(__name__)
+
+#: Variables an external launcher (torchrun, submitit's TorchDistributedEnvironment) sets.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def external_launcher_environment(environ: Optional[Mapping[str, str]] = None) -> Optional[dict]:
+    """The process layout set by an external launcher, or None if this process was not started by one.
+
+    Returns:
+        ``{"rank", "world_size", "local_rank", "local_world_size"}`` (ints), when ``RANK``,
+        ``WORLD_SIZE`` and ``LOCAL_RANK`` are set.
+
+    Raises:
+        ValueError: some of :data:`LAUNCHER_VARIABLES` are set but not all of them, or the
+            values are inconsistent.
+    """
+    environ = os.environ if environ is None else environ
+    if not all(k in environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    missing = [k for k in LAUNCHER_VARIABLES if k not in environ]
+    if missing:
+        raise ValueError(
+            f"RANK, WORLD_SIZE and LOCAL_RANK are set (started by an external launcher such as torchrun), "
+            f"but {missing} are not; the launcher must set all of {list(LAUNCHER_VARIABLES)}"
+        )
+    layout = {
+        "rank": int(environ["RANK"]),
+        "world_size": int(environ["WORLD_SIZE"]),
+        "local_rank": int(environ["LOCAL_RANK"]),
+        "local_world_size": int(environ["LOCAL_WORLD_SIZE"]),
+    }
+    if not (0 <= layout["rank"] < layout["world_size"] and 0 <= layout["local_rank"] < layout["local_world_size"]):
+        raise ValueError(f"Inconsistent launcher environment: {layout}")
+    if layout["world_size"] % layout["local_world_size"]:
+        raise ValueError(
+            f"WORLD_SIZE {layout['world_size']} is not a multiple of LOCAL_WORLD_SIZE {layout['local_world_size']}: "
+            f"every machine must run the same number of processes"
+        )
+    return layout
+
+
+def _backend(device: str) -> str:
+    """"nccl" for training on GPUs, "gloo" for CPU training (``device`` "cpu") or without CUDA."""
+    return "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+
+
+class _RankNamedMain:
+    """``main_func(*args)``, logging the rank, machine and local rank if it raises (picklable for spawn)."""
+
+    def __init__(self, main_func):
+        self.main_func = main_func
+
+    def __call__(self, *args):
+        try:
+            return self.main_func(*args)
+        except Exception as e:
+            rank = comm.get_rank()
+            where = f"Rank {rank} (machine {rank // comm.get_local_size()}, local rank {comm.get_local_rank()}) failed"
+            logger.error("%s: %s: %s", where, type(e).__name__, e)
+            if hasattr(e, "add_note"):  # Python >= 3.11: the traceback printed to stderr names the rank too
+                e.add_note(where)
+            raise
+
+
+def _join_external_group(main_func, layout: dict, num_gpus_per_machine: int, args, timeout, device: str):
+    """Join the process group described by the launcher's environment and run ``main_func(*args)``."""
+    if num_gpus_per_machine not in (1, layout["local_world_size"]):
+        raise ValueError(
+            f"--num-gpus {num_gpus_per_machine} with a launcher that started {layout['local_world_size']} "
+            f"processes per machine (LOCAL_WORLD_SIZE): the launcher sets the number of processes "
+            f"(torchrun --nproc_per_node); leave --num-gpus at 1 or set it to {layout['local_world_size']}"
+        )
+    if layout["world_size"] == 1:
+        return main_func(*args)
+    backend = _backend(device)
+    if backend == "nccl":  # GPU LOCAL_RANK when the node's GPUs are visible, GPU 0 when one per process is
+        torch.cuda.set_device(layout["local_rank"] % torch.cuda.device_count())
+    logger.info(
+        "Joining the process group of the launcher: rank %d of %d (local rank %d of %d), %s, %s:%s",
+        layout["rank"], layout["world_size"], layout["local_rank"], layout["local_world_size"], backend,
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
+    )
+    dist.init_process_group(
+        backend=backend, init_method="env://", world_size=layout["world_size"], rank=layout["rank"], timeout=timeout
+    )
+    comm.create_local_process_group(layout["local_world_size"])
+    comm.synchronize()
+    result = _RankNamedMain(main_func)(*args)
+    dist.destroy_process_group()  # only after success: with a failed peer this could block; a failing process just ends
+    return result
 
 
 def launch(
@@ -25,17 +133,31 @@ def launch(
     machine_rank: int = 0,
     dist_url=None,
     args=(),
-    timeout=DEFAULT_TIMEOUT,
+    timeout: timedelta = DEFAULT_TIMEOUT,
     device: str = "",
 ):
-    """Detectron2's ``launch(main_func, num_gpus_per_machine, ...)``.
+    """Run ``main_func(*args)`` in every training process (see the module docstring).
 
     Args:
-        device: the model's device (``cfg.MODEL.DEVICE``). If it is "cpu", there are several
-            processes and CUDA is available, the workers are started with
-            ``CUDA_VISIBLE_DEVICES=""`` (restored afterwards), so they join with gloo.
+        main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout:
+            as in Detectron2's ``launch``; ``num_gpus_per_machine`` is the number of
+            processes per machine, ``timeout`` the limit of every collective operation.
+            Under an external launcher only ``main_func``, ``args`` and ``timeout`` are used.
+        device: the model's device (``cfg.MODEL.DEVICE``); "cpu" selects gloo.
     """
+    layout = external_launcher_environment()
+    if layout is not None:
+        if num_machines != 1 or machine_rank != 0:
+            logger.warning(
+                "Started by an external launcher: --num-machines %d / --machine-rank %d are ignored "
+                "(RANK %d of WORLD_SIZE %d from the environment)",
+                num_machines, machine_rank, layout["rank"], layout["world_size"],
+            )
+        return _join_external_group(main_func, layout, num_gpus_per_machine, args, timeout, device)
+
     world_size = num_machines * num_gpus_per_machine
+    if world_size > 1:
+        main_func = _RankNamedMain(main_func)
     hide_gpus = device == "cpu" and world_size > 1 and torch.cuda.is_available()
     if not hide_gpus:
         return detectron2_launch(

@@ -1,14 +1,21 @@
 """Detectron2's DefaultTrainer made to survive long runs on shared clusters.
 
-:class:`ACMTrainer` is :class:`detectron2.engine.DefaultTrainer` with:
+:class:`ResumableTrainer` is :class:`detectron2.engine.DefaultTrainer` with:
 
-* :class:`~acm_d2.engine.checkpointer.ACMCheckpointer` (safe, atomic, strict on ACM shapes);
+* :class:`~acm_d2.engine.checkpointer.SafeCheckpointer` (safe, atomic, strict on ACM shapes);
 * a data stream and random augmentations that resume where an interrupted run stopped
   (:mod:`acm_d2.engine.data`), and the global generators seeded at every iteration from
   ``(seed, rank, iteration)`` (:class:`IterationSeed`), so that on CPU a resumed run ends
   with the weights of an uninterrupted one; the seed is kept in the checkpoints;
 * a non-finite loss raises Detectron2's ``FloatingPointError`` on the process where it
-  happened, naming the non-finite terms and whether ``loss_acm_orth`` is one of them;
+  happened, naming the non-finite terms and whether ``loss_acm_orth`` is one of them; a
+  forward pass that diverged before the losses (Detectron2's RPN: "Predicted boxes or
+  scores contain Inf/NaN") raises one that names the non-finite parameters and what to change;
+* ``MODEL.ROI_HEADS.NUM_CLASSES`` / ``MODEL.RETINANET.NUM_CLASSES`` are checked against the
+  categories of ``DATASETS.TRAIN`` before the model is built
+  (:func:`acm_d2.data.check_num_classes`);
+* ``model_final.pth`` exists after every completed run: a run killed while writing it is
+  completed by ``resume_or_load`` (it writes the file from the last checkpoint);
 * ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` "full_model" (clip the norm of all gradients together);
 * DistributedDataParallel also for models on the CPU (gloo): Detectron2's
   ``create_ddp_model`` passes ``device_ids``, which DDP refuses for CPU modules, and
@@ -16,6 +23,7 @@
 """
 import logging
 import math
+import os
 import weakref
 from typing import Mapping, Optional
 
@@ -24,17 +32,20 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, Trainer
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..data.coco_format import check_num_classes
 from ..modeling.orth_loss import LOSS_KEY
-from .checkpointer import ACMCheckpointer
+from .checkpointer import SafeCheckpointer
 from .data import build_resumable_train_loader, derived_seed, seed_all_generators
+from .preemption import CheckpointOnStop
 
 __all__ = [
-    "ACMAMPTrainer",
-    "ACMSimpleTrainer",
-    "ACMTrainer",
+    "CheckedAMPTrainer",
+    "CheckedSimpleTrainer",
+    "ResumableTrainer",
     "IterationSeed",
     "check_distributed_setup",
     "create_ddp_model_any_device",
+    "diverged_forward_message",
     "non_finite_loss_message",
 ]
 
@@ -65,8 +76,50 @@ def non_finite_loss_message(loss_dict: Mapping[str, float], iteration: int, wher
     return message
 
 
+# The message of Detectron2's find_top_rpn_proposals when the RPN predicts non-finite values.
+_RPN_DIVERGED = "Predicted boxes or scores contain Inf/NaN"
+
+
+def diverged_forward_message(model: torch.nn.Module, iteration: int, error: str) -> str:
+    """The message for a forward pass that raised ``error`` (Detectron2's "Predicted boxes or
+    scores contain Inf/NaN") at ``iteration``: which parameters are non-finite, what to change."""
+    params = list(model.named_parameters())
+    bad = [name for name, p in params if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        acm = [name for name in bad if ".acm." in f".{name}"]
+        found = (
+            f"{len(bad)} of {len(params)} parameter tensors are non-finite (e.g. {bad[:5]})"
+            + (f", {len(acm)} of them in ACM modules" if acm else ", none in ACM modules")
+            + ": the last optimizer step diverged."
+        )
+    else:
+        found = (
+            "Every parameter is finite: the activations overflowed in this forward pass (large "
+            "weights or inputs)."
+        )
+    return (
+        f"Training diverged at iteration={iteration}: the RPN predicted non-finite boxes or "
+        f"objectness scores, so the losses could not be computed (Detectron2: {error.strip()!r}).\n"
+        f"{found}\n"
+        f"Lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS, or enable gradient clipping "
+        f"(SOLVER.CLIP_GRADIENTS.ENABLED True, e.g. CLIP_TYPE 'full_model', CLIP_VALUE 1.0); check "
+        f"the boxes of the data; then resume from the last checkpoint (--resume)."
+    )
+
+
 class _NamedNonFiniteLossMixin:
-    """Check this process's losses before Detectron2 gathers them; raise with the names."""
+    """Check this process's losses before Detectron2 gathers them; raise with the names. A
+    forward pass that diverged inside the RPN is reported with the non-finite parameters."""
+
+    def run_step(self) -> None:
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            if _RPN_DIVERGED not in str(e):
+                raise
+            message = diverged_forward_message(self.model, self.iter, str(e))
+            logger.error(message)
+            raise FloatingPointError(message) from e
 
     def _write_metrics(self, loss_dict, data_time: float, prefix: str = "", iter: Optional[int] = None) -> None:
         iter = self.iter if iter is None else iter
@@ -87,11 +140,11 @@ class _NamedNonFiniteLossMixin:
             ) from e
 
 
-class ACMSimpleTrainer(_NamedNonFiniteLossMixin, SimpleTrainer):
+class CheckedSimpleTrainer(_NamedNonFiniteLossMixin, SimpleTrainer):
     """:class:`SimpleTrainer` whose non-finite-loss error names the non-finite terms."""
 
 
-class ACMAMPTrainer(_NamedNonFiniteLossMixin, AMPTrainer):
+class CheckedAMPTrainer(_NamedNonFiniteLossMixin, AMPTrainer):
     """:class:`AMPTrainer` whose non-finite-loss error names the non-finite terms."""
 
 
@@ -155,7 +208,7 @@ def _with_full_model_clipping(optimizer_type, clip_value: float, norm_type: floa
     return type(optimizer_type.__name__ + "WithFullModelGradientClip", (optimizer_type,), {"step": step})
 
 
-class ACMTrainer(DefaultTrainer):
+class ResumableTrainer(DefaultTrainer):
     """DefaultTrainer with safe/atomic checkpoints, exact resume, named non-finite losses and
     CPU-capable DistributedDataParallel (see the module docstring). Use it like
     DefaultTrainer: subclass it for ``build_evaluator``, then ``resume_or_load`` and ``train``.
@@ -167,6 +220,7 @@ class ACMTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
+        check_num_classes(cfg)
         # Built in DefaultTrainer's order.
         model = self.build_model(cfg)
         check_distributed_setup(model)
@@ -178,10 +232,10 @@ class ACMTrainer(DefaultTrainer):
         self._train_dataset = getattr(data_loader, "resumable_dataset", None)
 
         model = create_ddp_model_any_device(model, broadcast_buffers=False)
-        self._trainer = (ACMAMPTrainer if cfg.SOLVER.AMP.ENABLED else ACMSimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = (CheckedAMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer)(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = ACMCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -223,12 +277,15 @@ class ACMTrainer(DefaultTrainer):
         return loader
 
     def build_hooks(self):
-        """DefaultTrainer's hooks, after :class:`IterationSeed`."""
-        return [IterationSeed(self._resume_seed)] + super().build_hooks()
+        """DefaultTrainer's hooks, after :class:`IterationSeed` and before :class:`CheckpointOnStop`."""
+        return [IterationSeed(self._resume_seed)] + super().build_hooks() + [CheckpointOnStop()]
 
     def resume_or_load(self, resume=True):
-        """DefaultTrainer's, plus: the data stream continues at ``start_iter``, and the temporary
-        files of a checkpoint write that was interrupted are removed."""
+        """DefaultTrainer's, plus: the data stream continues at ``start_iter``, the temporary
+        files of a checkpoint write that was interrupted are removed, and if the run had
+        finished its iterations but was killed while writing ``model_final.pth`` (then
+        ``last_checkpoint`` names the checkpoint of the last iteration), that file is written
+        now, so every completed run has one."""
         if resume:
             self.checkpointer.remove_stale_temp_files()
         super().resume_or_load(resume=resume)
@@ -236,6 +293,14 @@ class ACMTrainer(DefaultTrainer):
             self._train_sampler.resume(self.start_iter, self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         elif self.start_iter > 0:
             logger.warning("The train loader is not resumable: the data order restarts at iteration %d", self.start_iter)
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if resume and self.start_iter >= self.max_iter and not os.path.isfile(final):
+            logger.warning(
+                "All %d iterations were done but %s is missing (the run was interrupted while writing "
+                "it): writing it from the checkpoint of iteration %d",
+                self.max_iter, final, self.start_iter - 1,
+            )
+            self.checkpointer.save("model_final", iteration=self.start_iter - 1)
 
     def state_dict(self):
         ret = super().state_dict()

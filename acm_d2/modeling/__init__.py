@@ -1,12 +1,14 @@
-"""ACM modules, the ACM ResNet backbones (registered on import) and the orthogonality loss."""
-from .acm import ACM
-from .backbone import (
-    build_resnet_acm_backbone,
-    build_resnet_fpn_acm_backbone,
-    build_retinanet_resnet_fpn_acm_backbone,
-)
+"""The ACM module, the blocks and backbones that host it, and the loss it feeds.
+
+Importing this package registers the ACM backbones and meta-architectures with Detectron2.
+"""
+from .acm import ACM, ACM_VARIANTS
+from .backbone import build_resnet_acm_backbone, build_resnet_fpn_acm_backbone, build_retinanet_resnet_fpn_acm_backbone
+from .blocks import CONTEXT_MODULES, ContextBasicBlock, ContextBottleneckBlock
 from .flops import add_acm_flop_handles
-from .orth_loss import attach_acm_orth_loss, with_acm_orth_loss
+from .meta_arch import ACMGeneralizedRCNN, ACMOrthLossMixin, ACMPanopticFPN, ACMRetinaNet, with_acm_orth_loss
+from .orth_loss import LOSS_KEY, ORTH_LOSS_MODULES, acm_orth_loss
+from .recorder import ACMCall, ACMRecorder
 from .reference import ReferenceACM
-from .resnet import ACMResNet, insert_context_modules
+from .resnet import ACMResNet, acm_modules
 from .squeeze_excitation import SqueezeExcitation

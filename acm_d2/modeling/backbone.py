@@ -1,15 +1,15 @@
 """Backbone builders with ACM, registered in Detectron2's BACKBONE_REGISTRY.
 
-Each builder is Detectron2's builder of the same name without ``_acm``, with the ResNet
-re-hosted as :class:`ACMResNet` (same blocks, same parameter names).
+Each builder is Detectron2's builder of the same name without ``_acm``: Detectron2 builds
+the ResNet from MODEL.RESNETS, and :class:`ACMResNet` puts the context modules of MODEL.ACM
+into its blocks (same convs, same parameter names).
 """
-import logging
-
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
+from .meta_arch import ACMOrthLossMixin
 from .orth_loss import check_orth_loss_weight
 from .resnet import ACMResNet
 
@@ -20,47 +20,48 @@ __all__ = [
     "check_acm_config",
 ]
 
-logger = logging.getLogger(__name__)
-
 _RESNET_DEPTHS = (18, 34, 50, 101, 152)
 
 
 def check_acm_config(cfg) -> None:
-    """Raise ValueError for settings of MODEL.ACM / MODEL.RESNETS that ACM cannot honour."""
+    """Raise ValueError for settings of MODEL.ACM / MODEL.RESNETS that ACM cannot honour,
+    naming the setting and the allowed values."""
     acm = cfg.MODEL.ACM
     weight = check_orth_loss_weight(acm.ORTH_LOSS_WEIGHT)
     depth = cfg.MODEL.RESNETS.DEPTH
     if depth not in _RESNET_DEPTHS:
-        raise ValueError(
-            f"The ACM backbones are ResNets: MODEL.RESNETS.DEPTH must be one of {list(_RESNET_DEPTHS)}, "
-            f"got {depth!r}"
-        )
+        raise ValueError(f"The ACM backbones are ResNets: MODEL.RESNETS.DEPTH must be one of {list(_RESNET_DEPTHS)}, got {depth!r}")
+    if not 0 <= cfg.MODEL.BACKBONE.FREEZE_AT <= 5:
+        raise ValueError(f"MODEL.BACKBONE.FREEZE_AT must be in 0..5 (0: train all, 1: stem, 2: stem and res2, ...), got {cfg.MODEL.BACKBONE.FREEZE_AT!r}")
+    name = cfg.MODEL.META_ARCHITECTURE
+    meta_architecture = META_ARCH_REGISTRY.get(name) if name in META_ARCH_REGISTRY else None
     if (
         weight > 0
         and acm.MODULE == "ACM"
-        and cfg.MODEL.META_ARCHITECTURE != "WithACMOrthLoss"
+        and isinstance(meta_architecture, type)
+        and not issubclass(meta_architecture, ACMOrthLossMixin)
     ):
-        logger.warning(
-            "MODEL.ACM.ORTH_LOSS_WEIGHT=%s but MODEL.META_ARCHITECTURE=%s: the orthogonality loss "
-            "is added only by META_ARCHITECTURE 'WithACMOrthLoss' (with MODEL.ACM.META_ARCHITECTURE "
-            "naming the wrapped one) or by calling acm_d2.attach_acm_orth_loss(model, weight).",
-            weight,
-            cfg.MODEL.META_ARCHITECTURE,
+        raise ValueError(
+            f"MODEL.ACM.ORTH_LOSS_WEIGHT={weight} asks for loss_acm_orth, but MODEL.META_ARCHITECTURE {name!r} does not "
+            f"add it. Use an ACM meta-architecture (ACMGeneralizedRCNN, ACMRetinaNet, ACMPanopticFPN, or your own "
+            f"made with acm_d2.with_acm_orth_loss), or set MODEL.ACM.ORTH_LOSS_WEIGHT 0"
         )
 
 
 def _build_acm_resnet(cfg, input_shape: ShapeSpec) -> ACMResNet:
     check_acm_config(cfg)
     plain = build_resnet_backbone(cfg, input_shape)
+    acm = cfg.MODEL.ACM
     return ACMResNet(
         plain.stem,
         [list(stage.children()) for stage in plain.stages],
-        out_features=list(plain._out_features),
+        out_features=list(plain.output_shape()),
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        acm_stages=list(cfg.MODEL.ACM.STAGES),
-        acm_groups=cfg.MODEL.ACM.GROUPS,
-        context_module=cfg.MODEL.ACM.MODULE,
-        se_reduction=cfg.MODEL.ACM.SE_REDUCTION,
+        acm_stages=list(acm.STAGES),
+        context_module=acm.MODULE,
+        acm_groups=acm.GROUPS,
+        acm_variant=acm.VARIANT,
+        se_reduction=acm.SE_REDUCTION,
     )
 
 

@@ -1,110 +1,87 @@
-"""The ACM orthogonality loss, added to the loss dict of any Detectron2 meta-architecture.
+"""The ACM orthogonality loss ``loss_acm_orth``, from the calls an :class:`ACMRecorder` saw.
 
-loss_acm_orth = lambda * | mean over the batch of (sum over ACM modules of (K . Q) / C) |,
-the formula of the authors' Detectron2 code. It is added by a forward hook on the model, so
-GeneralizedRCNN, RetinaNet or a user's own meta-architecture stay unchanged: every training
-forward whose output is a dict gets the extra entry.
+For one batch of N samples and the chosen modules m:
+
+    loss_acm_orth = lambda * | mean over the N samples of sum over m of (K_m . Q_m) / C_m |
+
+Which modules count is MODEL.ACM.ORTH_LOSS_MODULES:
+
+* "all": every ACM module, as the paper's equation 6 writes it (a sum over all M modules);
+* "res5": the modules of res5 only, which is what the authors' Detectron2 code computes,
+  and so what the COCO models of the paper's Table 6 were trained with: each of their
+  blocks adds its term to the running sum of its stage, each stage starts from zero, their
+  FPN passes on only the sum of res5, and their ``rcnn.py`` adds
+  ``lambda * |mean over the batch of that sum|``.
+
+When the modules run several times in one forward (two backbone passes over two batches),
+each pass gives per-sample sums and the mean runs over the samples of all passes.
 """
-import logging
 import math
-from typing import Union
+from typing import Dict, List, Sequence
 
 import torch
-from detectron2.modeling import META_ARCH_REGISTRY
-from pydoc import locate
 from torch import nn
 
-from .acm import ACM
+from .recorder import ACMCall
 
-__all__ = ["ACMOrthLoss", "attach_acm_orth_loss", "check_orth_loss_weight", "with_acm_orth_loss", "WithACMOrthLoss"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["LOSS_KEY", "ORTH_LOSS_MODULES", "acm_orth_loss", "check_orth_loss_weight", "stage_of_block"]
 
 LOSS_KEY = "loss_acm_orth"
-
-
-class ACMOrthLoss:
-    """Forward hook on a meta-architecture that adds ``loss_acm_orth`` to its loss dict.
-
-    Args:
-        weight: lambda, > 0.
-        modules: the ACM modules whose orthogonality terms are summed.
-    """
-
-    def __init__(self, weight: float, modules):
-        self.weight = weight
-        self.modules = list(modules)
-
-    def __call__(self, model: nn.Module, inputs, outputs):
-        if not model.training or not isinstance(outputs, dict):
-            return outputs
-        terms = [m.last_orthogonality for m in self.modules if m.last_orthogonality is not None]
-        for m in self.modules:
-            m.last_orthogonality = None  # release the graph; the next forward records anew
-        if not terms:
-            return outputs
-        per_sample = torch.stack(terms).sum(dim=0)  # (N,): sum over modules
-        outputs[LOSS_KEY] = self.weight * per_sample.mean().abs()
-        return outputs
+#: The choices of MODEL.ACM.ORTH_LOSS_MODULES (see the module docstring).
+ORTH_LOSS_MODULES = ("all", "res5")
 
 
 def check_orth_loss_weight(weight) -> float:
-    """Return ``weight`` as a float, or raise ValueError unless it is a finite number >= 0."""
+    """``weight`` as a float, or ValueError unless it is a finite number >= 0."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"MODEL.ACM.ORTH_LOSS_WEIGHT must be a finite number >= 0, got {weight!r}")
     return float(weight)
 
 
-def attach_acm_orth_loss(model: nn.Module, weight: float) -> nn.Module:
-    """Make every training forward of ``model`` return ``loss_acm_orth`` (lambda = ``weight``).
+def stage_of_block(block_name: str) -> str:
+    """"backbone.bottom_up.res5.2" -> "res5": the last part of the name that is a stage."""
+    stages = [part for part in block_name.split(".") if part.startswith("res") and part[3:].isdigit()]
+    return stages[-1] if stages else ""
 
-    With weight 0 nothing is attached and the ACM modules skip the term. Attaching twice
-    replaces the earlier hook. Returns ``model``.
+
+def acm_orth_loss(calls: Sequence[ACMCall], block_names: Dict[nn.Module, str], weight: float, modules: str) -> torch.Tensor:
+    """``loss_acm_orth`` of one training forward.
+
+    Args:
+        calls: what an :class:`ACMRecorder` collected during the forward.
+        block_names: every ACM module of the model -> its block's name ("...res5.2").
+        weight: lambda.
+        modules: "all" or "res5" (see the module docstring).
+    Returns a scalar tensor (float32; float64 for float64 features), part of the graph.
     """
-    weight = check_orth_loss_weight(weight)
-    modules = [m for m in model.modules() if isinstance(m, ACM)]
-    for hook_id, hook in list(model._forward_hooks.items()):
-        if isinstance(hook, ACMOrthLoss):
-            del model._forward_hooks[hook_id]
-    for m in modules:
-        m.record_orthogonality = weight > 0
-    if weight == 0:
-        return model
-    if not modules:
-        raise ValueError(
-            f"MODEL.ACM.ORTH_LOSS_WEIGHT={weight} asks for the ACM orthogonality loss, but "
-            f"{type(model).__name__} has no ACM module (is the backbone an ACM backbone, "
-            f"e.g. build_resnet_fpn_acm_backbone, with MODEL.ACM.MODULE 'ACM'?); for a model "
-            f"without ACM (MODULE 'SE' or 'none') set MODEL.ACM.ORTH_LOSS_WEIGHT 0"
+    chosen = [c for c in calls if c.module in block_names and (modules == "all" or stage_of_block(block_names[c.module]) == modules)]
+    if not chosen:
+        raise RuntimeError(
+            f"loss_acm_orth (MODEL.ACM.ORTH_LOSS_MODULES {modules!r}): no ACM module of the model ran in this "
+            f"training forward; does the meta-architecture run its backbone?"
         )
-    model.register_forward_hook(ACMOrthLoss(weight, modules))
-    logger.info("loss_acm_orth: lambda=%s over %d ACM modules", weight, len(modules))
-    return model
-
-
-def with_acm_orth_loss(meta_architecture: Union[str, type], orth_loss_weight: float = 0.1, **kwargs):
-    """Build ``meta_architecture(**kwargs)`` and attach the orthogonality loss.
-
-    For LazyConfig: keep a model config's keyword arguments and set
-    ``model._target_ = with_acm_orth_loss`` with ``model.meta_architecture`` the class (or its
-    dotted name) and ``model.orth_loss_weight`` lambda; ``model.backbone`` etc. keep their paths.
-    """
-    if isinstance(meta_architecture, str):
-        cls = locate(meta_architecture)
-        if cls is None:
-            raise ValueError(f"meta_architecture {meta_architecture!r} is not an importable name")
-        meta_architecture = cls
-    return attach_acm_orth_loss(meta_architecture(**kwargs), orth_loss_weight)
-
-
-@META_ARCH_REGISTRY.register()
-def WithACMOrthLoss(cfg):
-    """MODEL.META_ARCHITECTURE "WithACMOrthLoss": builds MODEL.ACM.META_ARCHITECTURE from the
-    registry (GeneralizedRCNN, RetinaNet, ...) and attaches ``loss_acm_orth`` with lambda =
-    MODEL.ACM.ORTH_LOSS_WEIGHT. The model returned is that meta-architecture itself, so its
-    state dict keys are unchanged."""
-    inner = cfg.MODEL.ACM.META_ARCHITECTURE
-    if inner == "WithACMOrthLoss":
-        raise ValueError("MODEL.ACM.META_ARCHITECTURE must name the wrapped meta-architecture, not WithACMOrthLoss")
-    model = META_ARCH_REGISTRY.get(inner)(cfg)
-    return attach_acm_orth_loss(model, cfg.MODEL.ACM.ORTH_LOSS_WEIGHT)
+    missing = [block_names[c.module] for c in chosen if c.orthogonality is None]
+    if missing:
+        raise ValueError(
+            f"loss_acm_orth needs K and Q, but the ACM modules {missing[:3]} have none (their MODEL.ACM.VARIANT has no "
+            f"K or no Q); set MODEL.ACM.ORTH_LOSS_WEIGHT 0 for that variant"
+        )
+    passes: List[List[torch.Tensor]] = []  # pass -> the terms (N_pass,) of its modules
+    seen: Dict[nn.Module, int] = {}
+    for call in chosen:
+        index = seen.get(call.module, 0)
+        seen[call.module] = index + 1
+        if index == len(passes):
+            passes.append([])
+        passes[index].append(call.orthogonality)
+    per_sample = []
+    for index, terms in enumerate(passes):
+        sizes = {t.shape[0] for t in terms}
+        if len(sizes) > 1 or len(terms) != len(passes[0]):
+            raise ValueError(
+                f"loss_acm_orth: in backbone pass {index}, the ACM modules ran on batches of sizes {sorted(sizes)} "
+                f"and {len(terms)} of {len(passes[0])} modules ran; the loss sums the modules' terms per sample, "
+                f"which needs every module to run once per pass on the same samples"
+            )
+        per_sample.append(torch.stack(terms).sum(dim=0))  # (N_pass,)
+    return weight * torch.cat(per_sample).mean().abs()

@@ -50,28 +50,44 @@ class _ModulateModule(nn.Module):
 
 
 class ReferenceACM(nn.Module):
-    """Literal ACM: Y = P * (X + (K - Q)) and the orthogonality term (K . Q) / C.
+    """Literal ACM: Y = P * (X + (K - Q)) and the orthogonality term (K . Q) / C, or one of
+    the ablated variants of the paper's Table 2a (``variant``):
+
+    * ``"P(X+(K-Q))"``: the full module (K = ``add_mod``, Q = ``sub_mod``, P = ``mul_mod``);
+    * ``"X+(K-Q)"``: no P (no ``mul_mod``);
+    * ``"P(X+K)"``: no Q (no ``sub_mod``);
+    * ``"PX"``: no K and no Q (only ``mul_mod``).
 
     ``forward(x)`` takes X of shape (N, C, H, W) and returns ``(Y, orthogonality)`` with Y
-    of shape (N, C, H, W) and orthogonality of shape (N,), like the authors' module returns
-    ``(Y, dp)``.
+    of shape (N, C, H, W) and orthogonality of shape (N,) (float32; float64 for float64 X),
+    like the authors' module returns ``(Y, dp)``; orthogonality is None for the variants
+    without K or Q.
     """
 
-    def __init__(self, channels: int, groups: int = 32):
+    def __init__(self, channels: int, groups: int = 32, variant: str = "P(X+(K-Q))"):
         super().__init__()
+        if variant not in ("P(X+(K-Q))", "X+(K-Q)", "PX", "P(X+K)"):
+            raise ValueError(f"unknown ACM variant {variant!r}")
         self.channels = channels
         self.groups = groups
-        self.add_mod = _AttendModule(channels, groups)
-        self.sub_mod = _AttendModule(channels, groups)
-        self.mul_mod = _ModulateModule(channels, groups)
+        self.variant = variant
+        self.add_mod = _AttendModule(channels, groups) if variant != "PX" else None
+        self.sub_mod = _AttendModule(channels, groups) if "Q" in variant else None
+        self.mul_mod = _ModulateModule(channels, groups) if variant.startswith("P") else None
 
     def forward(self, x: torch.Tensor):
+        wide = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 X
         mu = x.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         x_centered = x - mu  # (N, C, H, W)
-        k = self.add_mod(x_centered)  # (N, C, 1, 1)
-        q = self.sub_mod(x_centered)  # (N, C, 1, 1)
-        wide = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 X
-        p = self.mul_mod(mu.to(wide))  # (N, C, 1, 1)
-        y = (x.to(wide) + k - q) * p  # (N, C, H, W)
-        orthogonality = (k * q).sum(dim=(1, 2, 3)) / self.channels  # (N,)
-        return y.to(x.dtype), orthogonality
+        out = x.to(wide)
+        k = q = orthogonality = None
+        if self.add_mod is not None:
+            k = self.add_mod(x_centered)  # (N, C, 1, 1)
+            out = out + k
+        if self.sub_mod is not None:
+            q = self.sub_mod(x_centered)  # (N, C, 1, 1)
+            out = out - q
+            orthogonality = (k * q).sum(dim=(1, 2, 3)) / self.channels  # (N,)
+        if self.mul_mod is not None:
+            out = out * self.mul_mod(mu.to(wide))  # P: (N, C, 1, 1)
+        return out.to(x.dtype), orthogonality

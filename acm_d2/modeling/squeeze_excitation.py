@@ -5,12 +5,11 @@ Used to compare ACM against a plain backbone and against SE placed the same way.
 import torch
 from torch import nn
 
-from .context_module import ResidualContextModule
 
 __all__ = ["SqueezeExcitation"]
 
 
-class SqueezeExcitation(ResidualContextModule):
+class SqueezeExcitation(nn.Module):
     """Y = X * sigmoid(fc2(relu(fc1(mean_hw X)))), the fcs as 1x1 convs with bias."""
 
     def __init__(self, channels: int, reduction: int = 16):

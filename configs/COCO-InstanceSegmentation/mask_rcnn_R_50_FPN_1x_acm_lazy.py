@@ -3,7 +3,8 @@
 Detectron2's ``configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py`` (built from its
 ``common/`` configs) with the ResNet replaced by :class:`acm_d2.ACMResNet` (ACM after conv3
 + norm of every bottleneck of the trained stages res3-res5, 32 groups, the authors' setting)
-and the orthogonality loss ``loss_acm_orth`` with lambda = 0.1. Runs with Detectron2's own
+and the orthogonality loss ``loss_acm_orth`` with lambda = 0.1 over the res5 modules (the
+authors' Detectron2 code). Runs with Detectron2's own
 ``tools/lazyconfig_train_net.py`` unchanged:
 
     python tools/lazyconfig_train_net.py \
@@ -17,7 +18,7 @@ from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem
 
 import acm_d2  # noqa: F401  (the config's targets live there)
-from acm_d2 import ACMResNet, with_acm_orth_loss
+from acm_d2 import ACMGeneralizedRCNN, ACMResNet
 
 # The pieces of Detectron2's mask_rcnn_R_50_FPN_1x.py, taken from its model zoo.
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
@@ -40,11 +41,12 @@ model.backbone.bottom_up = L(ACMResNet)(
     acm_groups=32,
 )
 
-# GeneralizedRCNN plus "loss_acm_orth" in its training loss dict; the state dict keys are
-# GeneralizedRCNN's. Set model.orth_loss_weight = 0 to train without the loss.
-model._target_ = with_acm_orth_loss
-model.meta_architecture = "detectron2.modeling.GeneralizedRCNN"
+# GeneralizedRCNN plus "loss_acm_orth" in its training loss dict (same state dict keys), over
+# the res5 modules as the authors' Detectron2 code computes it (model.orth_loss_modules = "all"
+# for the paper's equation 6). Set model.orth_loss_weight = 0 to train without the loss.
+model._target_ = ACMGeneralizedRCNN
 model.orth_loss_weight = 0.1
+model.orth_loss_modules = "res5"
 
 # ImageNet R-50 (MSRA, BGR, std 1): the ResNet loads, the ACM parameters are reported
 # missing and keep their Kaiming-normal / zero-bias initialisation.

@@ -1,0 +1,219 @@
+"""No file read by acm-d2 runs code (except .pkl weights named explicitly, with a warning),
+--resume loads only checkpoints of OUTPUT_DIR, a full disk and a diverging RPN say so, and
+the number of classes must fit the datasets."""
+import errno
+import logging
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.modeling.proposal_generator.proposal_utils import find_top_rpn_proposals
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from acm_d2.checkpoint import CheckpointLoadError, UnsafeCheckpointError, load_checkpoint_file, safe_torch_load
+from acm_d2.data import check_num_classes
+from acm_d2.engine import CheckedSimpleTrainer, SafeCheckpointer
+from acm_d2.engine import checkpointer as checkpointer_module
+from acm_d2.engine.checkpointer import CheckpointSaveError
+from conftest import acm_cfg
+
+
+class _Payload:
+    """Unpickling it creates the file ``marker``: proof that code from a file ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _model():
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+
+
+def _hostile_file(path: Path):
+    """A torch file with a valid state dict and a payload; returns the payload's marker."""
+    marker = path.parent / f"{path.name}.ran"
+    torch.save({"model": _model().state_dict(), "model_state": {}, "x": _Payload(marker)}, path)
+    return marker
+
+
+# ------------------------------------------------------------------------ loading runs no code
+@pytest.mark.parametrize("name", ["weights.pth", "weights.pyth", "weights.pt", "weights"])
+@pytest.mark.parametrize("force_unsafe", [False, True])
+def test_no_extension_loads_a_payload(tmp_path, monkeypatch, name, force_unsafe):
+    if force_unsafe:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path = tmp_path / name
+    marker = _hostile_file(path)
+    with pytest.raises(UnsafeCheckpointError, match="weights_only=True") as info:
+        SafeCheckpointer(_model()).load(str(path))
+    assert str(path) in str(info.value) and "--trust-pickle" in str(info.value)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint_file(str(path))
+    assert not marker.exists()
+
+
+def test_torch_that_ignores_weights_only_is_refused(tmp_path, monkeypatch):
+    """An older torch where TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides weights_only=True."""
+    real_load = torch.load
+
+    def overridden_load(f, *args, weights_only=None, **kwargs):
+        return real_load(f, *args, weights_only=False, **kwargs)
+
+    path = tmp_path / "model.pth"
+    marker = _hostile_file(path)
+    monkeypatch.setattr(torch, "load", overridden_load)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "true")
+    for load in (lambda: SafeCheckpointer(_model()).load(str(path)), lambda: safe_torch_load(str(path))):
+        with pytest.raises(CheckpointLoadError, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set") as info:
+            load()
+        assert f"Refusing to load {path}" in str(info.value)
+        assert "Unset TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" in str(info.value)
+    assert not marker.exists()
+
+
+def test_pycls_pyth_loads_safely(tmp_path):
+    model = _model()
+    torch.save({"model_state": model.state_dict(), "epoch": 3}, tmp_path / "pycls.pyth")
+    target = _model()
+    SafeCheckpointer(target).load(str(tmp_path / "pycls.pyth"))
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in model.state_dict().items())
+    torch.save({"weights": model.state_dict()}, tmp_path / "other.pyth")
+    with pytest.raises(CheckpointLoadError, match="'model_state'; this file has dict with keys \\['weights'\\]"):
+        SafeCheckpointer(target).load(str(tmp_path / "other.pyth"))
+
+
+def test_explicit_pkl_loads_with_a_warning(tmp_path, caplog):
+    model = _model()
+    path = tmp_path / "zoo.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "me"}, f)
+    target = _model()
+    with caplog.at_level(logging.WARNING):
+        SafeCheckpointer(target).load(str(path))
+    assert f"Loading {path} with pickle" in caplog.text and "only from sources you trust" in caplog.text
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------- --resume follows last_checkpoint
+@pytest.mark.parametrize(
+    "named", ["../elsewhere/model_final.pth", "/tmp/model_final.pth", "model_final.pkl", "model_final.pyth", "sub/m.pth", ".."]
+)
+def test_resume_loads_only_a_pth_of_output_dir(tmp_path, named):
+    out = tmp_path / "out"
+    ckpt = SafeCheckpointer(_model(), str(out))
+    ckpt.save("model_0000004", iteration=4)
+    (out / "last_checkpoint").write_text(named)
+    with pytest.raises(CheckpointLoadError) as info:
+        ckpt.resume_or_load("", resume=True)
+    message = str(info.value)
+    assert f"{out / 'last_checkpoint'} names {named!r}" in message
+    assert "not the file name of a .pth checkpoint" in message and "['model_0000004.pth']" in message
+    assert "delete last_checkpoint to start from MODEL.WEIGHTS" in message
+
+    (out / "last_checkpoint").write_text("model_0000004.pth\n")
+    assert ckpt.resume_or_load("", resume=True)["iteration"] == 4
+
+
+# ------------------------------------------------------------------------------ full disk
+def test_full_disk_names_file_and_space(tmp_path, monkeypatch):
+    model = _model()
+    ckpt = SafeCheckpointer(model, str(tmp_path))
+    ckpt.save("model_0000001", iteration=1)
+    before = (tmp_path / "model_0000001.pth").read_bytes()
+
+    def full_disk_save(obj, f, *args, **kwargs):  # what torch.save raises on ENOSPC
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpointer_module.torch, "save", full_disk_save)
+    with pytest.raises(CheckpointSaveError) as info:
+        ckpt.save("model_0000003", iteration=3)
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC
+    assert f"Disk full: no space left on the device of {tmp_path}" in message
+    assert f"checkpoint {tmp_path / 'model_0000003.pth'}" in message
+    size = sum(p.numel() * 4 for p in model.parameters())
+    assert f"needs about {size / 2**20:.1f} MiB" in message and "MiB are free there" in message
+    assert "model_0000001.pth is intact" in message and "--resume" in message
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert (tmp_path / "model_0000001.pth").read_bytes() == before
+
+    def other_error(obj, f, *args, **kwargs):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(checkpointer_module.torch, "save", other_error)
+    with pytest.raises(RuntimeError, match="^some other failure$"):
+        ckpt.save("model_0000003", iteration=3)
+
+
+# -------------------------------------------------------------------------- diverging RPN
+class _DivergingRPN(nn.Module):
+    """Detectron2's proposal selection on the RPN's output, which is non-finite."""
+
+    def __init__(self, nan_weight: bool):
+        super().__init__()
+        self.head = nn.Linear(4, 4)
+        self.acm = nn.Module()
+        self.acm.gate = nn.Linear(2, 2)
+        if nan_weight:
+            with torch.no_grad():
+                self.acm.gate.weight[0, 0] = math.nan
+
+    def forward(self, batch):
+        boxes = self.head(torch.ones(1, 4)) * math.inf
+        find_top_rpn_proposals([boxes.reshape(1, 1, 4)], [torch.ones(1, 1)], [(8, 8)], 0.7, 10, 10, 0.0, True)
+        return {"loss": self.head.weight.sum()}
+
+
+@pytest.mark.parametrize("nan_weight", [True, False])
+def test_diverging_rpn_says_what_to_change(nan_weight):
+    model = _DivergingRPN(nan_weight)
+    trainer = CheckedSimpleTrainer(model, [[{}]] * 3, torch.optim.SGD(model.parameters(), lr=0.1))
+    with EventStorage(0), pytest.raises(FloatingPointError) as info:
+        trainer.iter = 7
+        trainer.run_step()
+    message = str(info.value)
+    assert message.startswith("Training diverged at iteration=7: the RPN predicted non-finite boxes")
+    assert "Predicted boxes or scores contain Inf/NaN" in message
+    for setting in ("SOLVER.BASE_LR", "SOLVER.WARMUP_ITERS", "SOLVER.CLIP_GRADIENTS.ENABLED", "--resume"):
+        assert setting in message
+    if nan_weight:
+        assert "1 of 4 parameter tensors are non-finite (e.g. ['acm.gate.weight']), 1 of them in ACM modules" in message
+    else:
+        assert "Every parameter is finite: the activations overflowed" in message
+
+
+# ---------------------------------------------------------------------------- NUM_CLASSES
+def test_num_classes_must_cover_the_categories(caplog):
+    name = "test_safety_three_classes"
+    MetadataCatalog.get(name).thing_classes = ["a", "b", "c"]
+    cfg = acm_cfg("configs/Base-RCNN-FPN-ACM.yaml", "DATASETS.TRAIN", f"('{name}',)", "MODEL.ROI_HEADS.NUM_CLASSES", "2")
+    with pytest.raises(ValueError) as info:
+        check_num_classes(cfg)
+    assert str(info.value) == (
+        f"MODEL.ROI_HEADS.NUM_CLASSES=2, but DATASETS.TRAIN ['{name}'] have more categories: '{name}' has 3 "
+        f"('a', 'b', 'c'). The model would train the categories beyond 2 as background (or fail in the loss). "
+        f"Set MODEL.ROI_HEADS.NUM_CLASSES 3."
+    )
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    check_num_classes(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    with caplog.at_level(logging.WARNING):
+        check_num_classes(cfg)
+    assert "2 classes of the model are never trained" in caplog.text
+
+    retina = acm_cfg("configs/Base-RetinaNet.yaml", "DATASETS.TRAIN", f"('{name}',)", "MODEL.RETINANET.NUM_CLASSES", "1")
+    with pytest.raises(ValueError, match="^MODEL.RETINANET.NUM_CLASSES=1, .* Set MODEL.RETINANET.NUM_CLASSES 3.$"):
+        check_num_classes(retina)
+    check_num_classes(retina, dataset_names=[])  # nothing to check against
