@@ -1,4 +1,4 @@
-"""tools/compare_backbones.py in a tiny setting writes the table and the chart with the right rows."""
+"""tools/compare_backbones.py in a tiny setting (with an ablation variant) writes the table and the chart."""
 import json
 import subprocess
 import sys
@@ -11,16 +11,17 @@ def test_tiny_comparison_writes_table_and_chart(tmp_path, monkeypatch):
     monkeypatch.setenv("ACM_D2_DATA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "compare"
     cmd = [
-        sys.executable, str(REPO / "tools" / "compare_backbones.py"), "--quick", "--seeds", "1", "--jobs", "2",
+        sys.executable, str(REPO / "tools" / "compare_backbones.py"), "--quick", "--seeds", "1", "--jobs", "2", "--variants", "plain,PX,ACM",
         "--device", "cpu", "--output-dir", str(out), "SOLVER.MAX_ITER", "2",
     ]
     proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (out / "comparison.md").read_text()
     rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line]
-    # three tables (AP box, AP mask, label accuracy on the context categories), each with a
-    # header and one row per variant
-    assert rows == ["variant", "plain", "SE", "ACM"] * 3
+    # four tables (AP box, AP mask, label accuracy on the context categories, |cos(K, Q)|), each
+    # with a header and one row per variant
+    assert rows == ["variant", "plain", "PX", "ACM"] * 4
+    assert "### Mean |cosine(K, Q)| on validation" in md
     assert "### AP box" in md and "### AP mask" in md and "### Label accuracy on the context categories" in md
     assert "| variant | context_label_acc |" in md
     header = next(line for line in md.splitlines() if line.startswith("| variant"))
@@ -30,7 +31,9 @@ def test_tiny_comparison_writes_table_and_chart(tmp_path, monkeypatch):
     png = (out / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads((out / "comparison.json").read_text())["runs"]
-    assert sorted(r["variant"] for r in runs) == ["ACM", "SE", "plain"]
+    assert sorted(r["variant"] for r in runs) == ["ACM", "PX", "plain"]
+    cosine = {r["variant"]: r["metrics"].get("kq/mean_abs_cosine") for r in runs}
+    assert cosine["plain"] is None and cosine["PX"] is None and 0.0 <= cosine["ACM"] <= 100.0  # only ACM has K and Q
     assert all(0.0 <= r["metrics"]["bbox/AP"] <= 100.0 for r in runs)
     assert all(0.0 <= r["metrics"]["context/label_acc"] <= 100.0 for r in runs)
     # a second call reuses the finished runs instead of training again

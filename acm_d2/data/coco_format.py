@@ -503,9 +503,7 @@ def register_coco_format_dataset(
 
 def _num_classes_setting(cfg) -> Optional[str]:
     """The config key with the number of classes the model predicts, or None."""
-    meta = cfg.MODEL.META_ARCHITECTURE
-    if meta == "WithACMOrthLoss" and "ACM" in cfg.MODEL:
-        meta = cfg.MODEL.ACM.META_ARCHITECTURE
+    meta = cfg.MODEL.META_ARCHITECTURE  # e.g. "GeneralizedRCNN", "ACMRetinaNet"
     if "RetinaNet" in meta:
         return "MODEL.RETINANET.NUM_CLASSES"
     if "RCNN" in meta:
@@ -517,8 +515,7 @@ def check_num_classes(cfg, dataset_names: Optional[Sequence[str]] = None) -> Non
     """Check that the model predicts as many classes as the datasets have categories.
 
     Compares ``MODEL.ROI_HEADS.NUM_CLASSES`` (R-CNN meta-architectures) or
-    ``MODEL.RETINANET.NUM_CLASSES`` (RetinaNet; with ``WithACMOrthLoss`` the one of
-    ``MODEL.ACM.META_ARCHITECTURE``) with the number of ``thing_classes`` in the metadata of
+    ``MODEL.RETINANET.NUM_CLASSES`` (RetinaNet, ACMRetinaNet) with the number of ``thing_classes`` in the metadata of
     ``dataset_names`` (default ``DATASETS.TRAIN``). Datasets whose metadata has no
     ``thing_classes`` yet (registered without them and not loaded) are not checked.
 

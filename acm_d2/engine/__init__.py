@@ -1,33 +1,41 @@
-"""Training machinery for long runs: safe and atomic checkpoints, exact resume, clear
-errors for non-finite losses, and distributed training also on the CPU (see
-docs/training.md)."""
-from .checkpointer import SafeCheckpointer, ACMShapeMismatchError, CheckpointLoadError, atomic_write
+"""Training machinery for long runs, nothing in it specific to ACM: safe and atomic
+checkpoints, exact resume, clear errors for non-finite losses, distributed training also on
+the CPU, torchrun and SLURM (see docs/training.md, docs/clusters.md, docs/safety.md)."""
+from .checkpointer import ACMShapeMismatchError, CheckpointLoadError, CheckpointSaveError, SafeCheckpointer, atomic_write
 from .data import ResumableTrainingSampler, SeededMapDataset, build_resumable_train_loader
-from .launcher import launch
+from .launcher import external_launcher_environment, launch
+from .preemption import CheckpointOnStop, TrainingInterrupted, request_stop_on
 from .trainer import (
     CheckedAMPTrainer,
     CheckedSimpleTrainer,
-    ResumableTrainer,
     IterationSeed,
+    ResumableTrainer,
     check_distributed_setup,
     create_ddp_model_any_device,
+    diverged_forward_message,
     non_finite_loss_message,
 )
 
 __all__ = [
-    "CheckedAMPTrainer",
-    "SafeCheckpointer",
     "ACMShapeMismatchError",
+    "CheckedAMPTrainer",
     "CheckedSimpleTrainer",
-    "ResumableTrainer",
     "CheckpointLoadError",
+    "CheckpointOnStop",
+    "CheckpointSaveError",
     "IterationSeed",
+    "ResumableTrainer",
     "ResumableTrainingSampler",
+    "SafeCheckpointer",
     "SeededMapDataset",
+    "TrainingInterrupted",
     "atomic_write",
     "build_resumable_train_loader",
     "check_distributed_setup",
     "create_ddp_model_any_device",
+    "diverged_forward_message",
+    "external_launcher_environment",
     "launch",
     "non_finite_loss_message",
+    "request_stop_on",
 ]

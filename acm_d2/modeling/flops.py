@@ -1,23 +1,49 @@
 """FLOP counting of ACM models with fvcore's (or Detectron2's) FlopCountAnalysis.
 
-ACM's fused products are ``aten::baddbmm`` calls, for which fvcore has no handle: without
-the handle below FlopCountAnalysis skips them and undercounts ACM.
+Under tracing, ACM runs as plain PyTorch ops (see acm_function.py). fvcore counts its
+convolutions and matrix products, but has no handle for the ops below, which it would skip
+with a warning: one multiply-add per element of the output (``addcmul``: Y = P * X + P * (K -
+Q)), one add per element of the input (``mean``: mu), and ``baddbmm`` as fvcore counts ``bmm``.
 """
 from fvcore.nn.jit_handles import get_shape
 
-__all__ = ["baddbmm_flop_jit", "add_acm_flop_handles"]
+__all__ = ["ACM_FLOP_HANDLES", "add_acm_flop_handles"]
 
 
-def baddbmm_flop_jit(inputs, outputs) -> int:
-    """FLOPs of ``baddbmm(bias, batch1 (B, n, k), batch2 (B, k, m))``: B * n * k * m
-    multiply-adds, counted as fvcore counts ``bmm``."""
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _baddbmm_flop_jit(inputs, outputs) -> int:
+    """``baddbmm(bias, batch1 (B, n, k), batch2 (B, k, m))``: B * n * k * m multiply-adds."""
     batch, rows, inner = get_shape(inputs[1])
     return batch * rows * inner * get_shape(inputs[2])[-1]
 
 
+def _output_elements_flop_jit(inputs, outputs) -> int:
+    """One (multiply-)add per element of the output (``addcmul``)."""
+    return _numel(get_shape(outputs[0]))
+
+
+def _input_elements_flop_jit(inputs, outputs) -> int:
+    """One add per element of the input (``mean``)."""
+    return _numel(get_shape(inputs[0]))
+
+
+#: fvcore op name -> handle, for ``FlopCountAnalysis.set_op_handle``.
+ACM_FLOP_HANDLES = {
+    "aten::baddbmm": _baddbmm_flop_jit,
+    "aten::addcmul": _output_elements_flop_jit,
+    "aten::mean": _input_elements_flop_jit,
+}
+
+
 def add_acm_flop_handles(analysis):
-    """Register the handles ACM needs on a FlopCountAnalysis; returns the analysis.
+    """Register :data:`ACM_FLOP_HANDLES` on a FlopCountAnalysis; returns the analysis.
 
     Example: ``add_acm_flop_handles(FlopCountAnalysis(model, inputs)).total()``.
     """
-    return analysis.set_op_handle("aten::baddbmm", baddbmm_flop_jit)
+    return analysis.set_op_handle(**ACM_FLOP_HANDLES)

@@ -10,7 +10,7 @@ is the meta-architecture's, inside an :class:`ACMRecorder`, plus the loss entry:
 Registered in META_ARCH_REGISTRY (the class is the model's type, its state dict keys are the
 base class's): ``ACMGeneralizedRCNN`` (Faster / Mask / Cascade / Keypoint R-CNN, PointRend),
 ``ACMRetinaNet``, ``ACMPanopticFPN``. For a meta-architecture of your own, one call:
-``MyArchWithACM = with_acm_orth_loss(MyArch)``.
+``META_ARCH_REGISTRY.register(with_acm_orth_loss(MyArch))`` (registered as "ACMMyArch").
 """
 import logging
 from typing import Dict
