@@ -24,7 +24,7 @@ from torch import nn
 
 from acm_d2.engine import check_distributed_setup
 from acm_d2.engine import launcher as launch_module
-from test_train_net import CONFIG, REPO, load_model_weights, read_metrics, tiny_opts, write_tiny_coco
+from train_net_runs import CONFIG, REPO, load_model_weights, read_metrics, tiny_opts, write_tiny_coco
 
 # Runs tools/train_net.py's own command line (argument_parser, launch, setup, main, Trainer)
 # with one probe hook added to its Trainer, in every process (spawned workers re-run this

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling import build_backbone
 from detectron2.utils.events import EventStorage
 from torch import nn
 

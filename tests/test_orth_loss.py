@@ -11,7 +11,7 @@ from torch import nn
 
 from acm_d2 import ACM, ACMRecorder, with_acm_orth_loss
 from conftest import acm_cfg
-from test_acm import literal_from_module
+from equations import literal_from_module
 
 TINY = [
     "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "BN",

@@ -14,7 +14,7 @@ from torch import nn
 
 from acm_d2.engine import SafeCheckpointer, ResumableTrainingSampler
 from acm_d2.engine import checkpointer as checkpointer_module
-from test_train_net import REPO, load_model_weights, run_train_net, tiny_opts, train_net_command, write_tiny_coco
+from train_net_runs import REPO, load_model_weights, run_train_net, tiny_opts, train_net_command, write_tiny_coco
 
 
 # ----------------------------------------------------------------------------- data stream

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from acm_d2.engine.slurm import TrainingJob, parse_slurm_options
-from test_train_net import REPO
+from train_net_runs import REPO
 
 SUBMIT = REPO / "tools" / "submit_slurm.py"
 FAKE_SBATCH = """#!/bin/sh

@@ -12,3 +12,29 @@ from .recorder import ACMCall, ACMRecorder
 from .reference import ReferenceACM
 from .resnet import ACMResNet, acm_modules
 from .squeeze_excitation import SqueezeExcitation
+
+__all__ = [
+    "ACM",
+    "ACM_VARIANTS",
+    "ACMCall",
+    "ACMGeneralizedRCNN",
+    "ACMOrthLossMixin",
+    "ACMPanopticFPN",
+    "ACMRecorder",
+    "ACMResNet",
+    "ACMRetinaNet",
+    "CONTEXT_MODULES",
+    "ContextBasicBlock",
+    "ContextBottleneckBlock",
+    "LOSS_KEY",
+    "ORTH_LOSS_MODULES",
+    "ReferenceACM",
+    "SqueezeExcitation",
+    "acm_modules",
+    "acm_orth_loss",
+    "add_acm_flop_handles",
+    "build_resnet_acm_backbone",
+    "build_resnet_fpn_acm_backbone",
+    "build_retinanet_resnet_fpn_acm_backbone",
+    "with_acm_orth_loss",
+]

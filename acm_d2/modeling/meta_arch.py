@@ -20,7 +20,6 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, PanopticFPN, RetinaNet
 from torch import nn
 
-from .acm import ACM
 from .orth_loss import LOSS_KEY, ORTH_LOSS_MODULES, acm_orth_loss, check_orth_loss_weight, stage_of_block
 from .recorder import ACMRecorder
 from .resnet import acm_modules
