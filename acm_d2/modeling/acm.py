@@ -115,7 +115,7 @@ class ACM(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Convert the older layouts found under ``prefix`` before loading: the authors'
         standalone module (``add_mod.*``, ``sub_mod.*``, ``mul_mod.*``) and the bias of
-        ``kq_logits`` (see :func:`acm_d2.checkpoint.convert_acm_keys`)."""
+        ``kq_logits`` (see :func:`acm_d2.authors_layout.convert_acm_keys`)."""
         convert_acm_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 

@@ -48,7 +48,19 @@ def build_context_module(
 
 
 class _HostsContextModule:
-    """The child ``acm`` / ``se`` of a block (None when absent), and the authors' key names."""
+    """The child ``acm`` / ``se`` of a block (None when absent), and the authors' key names.
+
+    Keyword arguments, besides the Detectron2 block's: ``context_module`` (one of
+    :data:`CONTEXT_MODULES`), ``acm_groups``, ``acm_variant``, ``se_reduction``.
+    """
+
+    def __init__(self, in_channels, out_channels, *, context_module: str = "ACM", acm_groups: int = 32,
+                 acm_variant: str = "P(X+(K-Q))", se_reduction: int = 16, **kwargs):
+        super().__init__(in_channels, out_channels, **kwargs)
+        self._set_context_module(
+            build_context_module(context_module, out_channels, acm_groups=acm_groups, acm_variant=acm_variant,
+                                 se_reduction=se_reduction)
+        )
 
     def _set_context_module(self, module: Optional[nn.Module]) -> None:
         self.acm = module if isinstance(module, ACM) else None
@@ -77,18 +89,10 @@ class ContextBottleneckBlock(_HostsContextModule, BottleneckBlock):
     """Detectron2's :class:`BottleneckBlock` (1x1, 3x3, 1x1 convs, projection shortcut if
     needed) with a context module after conv3 + norm.
 
-    Args: those of :class:`BottleneckBlock`, plus ``context_module`` (one of
+    Arguments: those of :class:`BottleneckBlock`, plus ``context_module`` (one of
     :data:`CONTEXT_MODULES`) and ``acm_groups``, ``acm_variant``, ``se_reduction``.
     Input (N, C_in, H, W) -> output (N, C_out, H / stride, W / stride).
     """
-
-    def __init__(self, in_channels, out_channels, *, context_module: str = "ACM", acm_groups: int = 32,
-                 acm_variant: str = "P(X+(K-Q))", se_reduction: int = 16, **kwargs):
-        super().__init__(in_channels, out_channels, **kwargs)
-        self._set_context_module(
-            build_context_module(context_module, out_channels, acm_groups=acm_groups, acm_variant=acm_variant,
-                                 se_reduction=se_reduction)
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
@@ -109,14 +113,6 @@ class ContextBasicBlock(_HostsContextModule, BasicBlock):
     """Detectron2's :class:`BasicBlock` (two 3x3 convs, projection shortcut if needed; R-18
     and R-34) with a context module after conv2 + norm. Arguments as
     :class:`ContextBottleneckBlock`."""
-
-    def __init__(self, in_channels, out_channels, *, context_module: str = "ACM", acm_groups: int = 32,
-                 acm_variant: str = "P(X+(K-Q))", se_reduction: int = 16, **kwargs):
-        super().__init__(in_channels, out_channels, **kwargs)
-        self._set_context_module(
-            build_context_module(context_module, out_channels, acm_groups=acm_groups, acm_variant=acm_variant,
-                                 se_reduction=se_reduction)
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
