@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from acm_d2.modeling.acm_function import VARIANTS, attend_and_compare
-
-from test_acm_fast import FORMATS, function_weights, make_reference, rel_error, run_function, run_reference
+from function_cases import FORMATS, function_weights, make_reference, rel_error, run_function, run_reference
 
 pytestmark = [
     pytest.mark.cuda,

@@ -16,11 +16,9 @@ import sys
 
 import torch
 
+from acm_d2 import benchmarking
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from acm_d2 import benchmarking  # noqa: E402
-
 CONFIGS = os.path.join(REPO, "configs", "COCO-InstanceSegmentation")
 
 
