@@ -49,7 +49,7 @@ demo: setup
 	$(PY) tools/demo.py
 
 benchmark: setup
-	$(PY) tools/benchmark.py --json benchmark.json
+	$(PY) tools/benchmark.py --threads 2 --json benchmark.json
 
 clean-venv:
 	rm -rf $(VENV)

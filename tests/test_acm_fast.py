@@ -212,6 +212,7 @@ def test_bad_arguments():
         attend_and_compare(x, torch.randn(4, 4, 1, 1), torch.randn(8, 4, 1, 1), None, None, None, 4, "PX")
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
     """tools/benchmark.py --quick: the table and the JSON, with every ratio."""
     out = tmp_path / "bench.json"

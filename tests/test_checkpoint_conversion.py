@@ -208,6 +208,7 @@ def _run_tool(*args):
     )
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tmp_path, tiny_model):
     official = official_state_dict(tiny_model, seed=3)
     torch.save({"model": official, "__author__": "ACM authors"}, tmp_path / "official.pth")
@@ -229,6 +230,7 @@ def test_cli_round_trip(tmp_path, tiny_model):
         torch.testing.assert_close(value, expected[key], atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_checks_against_config_and_refuses_broken_files(tmp_path, tiny_model):
     torch.save({"model": official_state_dict(tiny_model, seed=4)}, tmp_path / "official.pth")
     # the same weights against a model with 8 groups instead of 16: every ACM tensor mismatches

@@ -2,11 +2,15 @@
 import json
 import subprocess
 import sys
+
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_comparison_writes_table_and_chart(tmp_path, monkeypatch):
     monkeypatch.setenv("ACM_D2_DATA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "compare"

@@ -3,11 +3,15 @@ import json
 import math
 import subprocess
 import sys
+
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_ap_and_pictures(tmp_path, monkeypatch):
     monkeypatch.setenv("ACM_D2_DATA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"

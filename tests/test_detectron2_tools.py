@@ -7,7 +7,10 @@ its ``tools/analyze_model.py`` does (``get_cfg()``, ``merge_from_file``, ``build
 import json
 import subprocess
 import sys
+
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = '''
@@ -38,6 +41,7 @@ def run(tmp_path, *command):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_detectron2_script_runs_with_acm_config_and_counts_acm_flops(tmp_path):
     plain = run(tmp_path)
     assert plain.returncode != 0 and "Non-existent config key: MODEL.ACM" in plain.stderr

@@ -76,6 +76,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_in_sync(tmp_path):
     json_file, image_root = write_tiny_coco(tmp_path / "data", num_images=8)
     out = tmp_path / "out"
@@ -373,6 +374,7 @@ FAILING_DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "two_machines"])
 def test_a_failing_worker_ends_the_run_naming_its_rank(tmp_path, cluster_env, launcher):
     script = tmp_path / "failing.py"

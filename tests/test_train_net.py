@@ -13,6 +13,7 @@ import torch
 from train_net_runs import REPO, load_model_weights, read_metrics, run_train_net, tiny_opts, train_net_command, write_tiny_coco
 
 
+@pytest.mark.slow
 def test_train_then_eval_only(tmp_path):
     json_file, image_root = write_tiny_coco(tmp_path / "data")
     out = tmp_path / "out"

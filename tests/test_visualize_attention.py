@@ -35,6 +35,7 @@ def image_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_tool_writes_grids_maps_and_ranking(tmp_path, image_file):
     out = tmp_path / "out"
     mask = np.zeros((48, 72), dtype=np.uint8)
@@ -61,6 +62,7 @@ def test_tool_writes_grids_maps_and_ranking(tmp_path, image_file):
     assert "mean |cos(K,Q)|" in done.stdout
 
 
+@pytest.mark.slow
 def test_tool_default_block_and_box(tmp_path, image_file):
     out = tmp_path / "out"
     done = run_tool("--config-file", CONFIG, "--input", image_file, "--output", out, "--box", "5", "5", "30", "40",
