@@ -124,6 +124,21 @@ def test_other_rcnn_heads_keep_the_loss(opts):
     assert "loss_acm_orth" in losses and len(calls) == 8
 
 
+def test_pointrend_keeps_the_loss():
+    from detectron2.projects.point_rend import add_pointrend_config
+
+    cfg = acm_cfg(RCNN)
+    add_pointrend_config(cfg)
+    cfg.merge_from_list(TINY + [
+        "MODEL.MASK_ON", "True", "MODEL.ROI_HEADS.NAME", "PointRendROIHeads", "MODEL.ROI_MASK_HEAD.NAME", "CoarseMaskHead",
+        "MODEL.ROI_MASK_HEAD.FC_DIM", "64", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16", "MODEL.ROI_MASK_HEAD.POOLER_TYPE",
+        "ROIAlignV2", "MODEL.ROI_MASK_HEAD.IN_FEATURES", "['p2']", "MODEL.POINT_HEAD.NUM_CLASSES", "3",
+        "MODEL.POINT_HEAD.IN_FEATURES", "['p2']", "MODEL.POINT_HEAD.FC_DIM", "16", "MODEL.POINT_HEAD.TRAIN_NUM_POINTS", "49",
+    ])
+    losses, calls = train_forward(build_model(cfg).train(), tiny_batch())
+    assert "loss_acm_orth" in losses and "loss_mask" in losses and len(calls) == 8
+
+
 def test_absent_for_lambda_zero_and_in_eval():
     model = build_model(acm_cfg(RCNN, *TINY, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0")).train()
     losses, _ = train_forward(model, tiny_batch())
