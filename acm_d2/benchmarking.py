@@ -259,15 +259,11 @@ def _replace_acms(model: nn.Module, make: Callable[[ACM], nn.Module]) -> nn.Modu
 
 
 def _build(config_file: str, device: torch.device, rois_per_image: int):
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from .config import add_acm_config
+    from .config import get_acm_cfg
 
-    cfg = get_cfg()
-    add_acm_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device)])
+    cfg = get_acm_cfg(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", str(device)])
     # Every proposal is foreground and each image samples exactly ``rois_per_image``, with a
     # fixed ROIAlign sampling, so that the heads of all models do the same work.
     cfg.merge_from_list(

@@ -94,9 +94,45 @@ def get_acm_cfg(config_file: str = "", opts: Sequence[str] = ()):
                 f"{config_file}: the YAML config has a tag that would construct Python objects ({e.problem}); "
                 f"acm-d2 reads configs with yaml.safe_load only. Remove the tag."
             ) from e
-    cfg.merge_from_list(list(opts))
+        except (KeyError, AssertionError) as e:
+            _raise_if_unknown_key(cfg, e, f"{config_file}: ")
+            raise
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as e:
+        _raise_if_unknown_key(cfg, e, "the command line: ")
+        raise
     check_registered_names(cfg)
     return cfg
+
+
+def _all_keys(node, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, CN):
+            yield from _all_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _raise_if_unknown_key(cfg, error: BaseException, where: str) -> None:
+    """Turn yacs' "Non-existent (config) key: A.B.C" into a ValueError naming the key, the keys
+    its section has, and where a key of that name is (e.g. MODEL.ACM.META_ARCHITECTURE:
+    MODEL.META_ARCHITECTURE)."""
+    text = str(error.args[0]) if error.args else ""
+    if not text.startswith("Non-existent"):
+        return
+    full_key = text.rsplit(": ", 1)[-1]
+    section, _, name = full_key.rpartition(".")
+    node = cfg
+    for part in section.split(".") if section else []:
+        node = node.get(part) if isinstance(node, CN) else None
+    message = f"{where}{full_key} is not a config key"
+    if isinstance(node, CN):
+        message += f"; {section or 'the top level'} has: {sorted(node)}"
+    elsewhere = [k for k in _all_keys(cfg) if k.rpartition(".")[2] == name and k != full_key]
+    if elsewhere:
+        message += f". Did you mean {' or '.join(elsewhere[:3])}?"
+    raise ValueError(message) from error
 
 
 @dataclass

@@ -12,26 +12,68 @@ with the ACM keys (:func:`acm_d2.add_acm_config`), makes Detectron2's ``FlopCoun
 count ACM's operations (:mod:`acm_d2.modeling.flops`), and then runs the script as
 ``python SCRIPT ARGS`` would. LazyConfig scripts (``lazyconfig_train_net.py``) need none of
 this; the ACM LazyConfigs import acm_d2 themselves.
+
+The script also reads files as safely as acm-d2's own tools (docs/safety.md): YAML configs
+with ``yaml.safe_load`` only (Detectron2's ``merge_from_file`` and ``LazyConfig.load`` would
+construct the Python objects of a ``!!python/...`` tag), and weights with
+:class:`acm_d2.engine.SafeCheckpointer` in place of ``DetectionCheckpointer`` (every file but
+a ``.pkl`` with ``weights_only=True``, also when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set).
 """
 import runpy
 import sys
 
+import detectron2.checkpoint
 import detectron2.config
+import detectron2.engine.defaults
 import detectron2.utils.analysis
+import yaml
+from detectron2.config import CfgNode
 
 from .config import add_acm_config
 from .modeling.flops import add_acm_flop_handles
 
-__all__ = ["get_cfg_with_acm", "main"]
+__all__ = ["SafeCfgNode", "get_cfg_with_acm", "main"]
 
 _detectron2_get_cfg = detectron2.config.get_cfg
+_detectron2_lazy_load = detectron2.config.LazyConfig.load
+
+
+def _python_tag_error(config_file: str, error: yaml.constructor.ConstructorError) -> ValueError:
+    return ValueError(
+        f"{config_file}: the YAML config has a tag that would construct Python objects ({error.problem}); "
+        f"acm-d2 reads configs with yaml.safe_load only. Remove the tag."
+    )
+
+
+class SafeCfgNode(CfgNode):
+    """Detectron2's CfgNode whose ``merge_from_file`` never runs code: the file and its
+    ``_BASE_`` files are read with ``yaml.safe_load`` (``allow_unsafe`` is ignored)."""
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        try:
+            super().merge_from_file(cfg_filename, allow_unsafe=False)
+        except yaml.constructor.ConstructorError as e:
+            raise _python_tag_error(cfg_filename, e) from e
 
 
 def get_cfg_with_acm():
-    """Detectron2's ``get_cfg()`` plus the keys of :func:`acm_d2.add_acm_config`."""
+    """Detectron2's ``get_cfg()`` plus the keys of :func:`acm_d2.add_acm_config`, as a
+    :class:`SafeCfgNode`."""
     cfg = _detectron2_get_cfg()
     add_acm_config(cfg)
-    return cfg
+    return SafeCfgNode(cfg)
+
+
+def _safe_lazy_load(filename: str, keys=None):
+    """``LazyConfig.load``, refusing a YAML file that only Detectron2's ``yaml.unsafe_load``
+    can read (Python tags). ``.py`` LazyConfigs are programs and load as before."""
+    if str(filename).endswith((".yaml", ".yml")):
+        try:
+            with open(filename) as f:
+                yaml.safe_load(f)
+        except yaml.constructor.ConstructorError as e:
+            raise _python_tag_error(filename, e) from e
+    return _detectron2_lazy_load(filename, keys)
 
 
 class FlopCountAnalysisWithACM(detectron2.utils.analysis.FlopCountAnalysis):
@@ -46,7 +88,14 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or not argv[0].endswith(".py"):
         raise SystemExit(__doc__.split("\n\n")[1] + "\nerror: give the path of a Detectron2 script (.py) first")
+    from .engine.checkpointer import SafeCheckpointer
+
     detectron2.config.get_cfg = get_cfg_with_acm
+    detectron2.config.LazyConfig.load = staticmethod(_safe_lazy_load)
+    # Scripts import it from detectron2.checkpoint; DefaultTrainer and DefaultPredictor use the
+    # name in detectron2.engine.defaults.
+    detectron2.checkpoint.DetectionCheckpointer = SafeCheckpointer
+    detectron2.engine.defaults.DetectionCheckpointer = SafeCheckpointer
     detectron2.utils.analysis.FlopCountAnalysis = FlopCountAnalysisWithACM
     sys.argv = argv
     runpy.run_path(argv[0], run_name="__main__")

@@ -1,8 +1,11 @@
 """The fast COCO evaluator (faster-coco-eval in Detectron2's COCOEvaluator) gives pycocotools'
 numbers: every one of the 12 box and mask stats, and COCOEvaluator's AP tables, to 1e-4, on
-images with many objects; TEST.COCO_EVAL_IMPL selects it or forces pycocotools."""
+images with many objects; TEST.COCO_EVAL_IMPL selects it or forces pycocotools;
+tools/benchmark_coco_eval.py prints the ratio of the two."""
 import json
 import logging
+import runpy
+import sys
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -15,12 +18,20 @@ from detectron2.structures import Boxes, BoxMode, Instances
 
 from acm_d2.evaluation import add_evaluation_config, build_coco_evaluator, fast_coco_eval_impl
 from acm_d2.evaluation.benchmark import compare_coco_eval, synthetic_coco_evaluation
+from train_net_runs import REPO
 
 pytest.importorskip("faster_coco_eval")
 
 # 12 images of 96 x 128 px with 20-40 objects (a few crowd) and 30-60 detections each.
 SMALL = dict(num_images=12, objects_per_image=(20, 40), detections_per_image=(30, 60), num_categories=5,
              image_size=(96, 128), crowd_fraction=0.05, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def detectron2_without_compiled_evaluator(monkeypatch):
+    """Detectron2 as ``make setup`` installs it, without its C++ extension (also where it has one):
+    COCOEvaluator's fast implementation is pycocotools' COCOeval until acm_d2.evaluation sets it."""
+    monkeypatch.setattr(coco_evaluation, "COCOeval_opt", coco_evaluation.COCOeval)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +129,6 @@ def test_without_faster_coco_eval_auto_falls_back_to_pycocotools(tmp_path, evalu
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(coco_evaluation, "COCOeval_opt", coco_evaluation.COCOeval)  # Detectron2 without _C
     monkeypatch.setattr(builtins, "__import__", no_faster_coco_eval)
     assert fast_coco_eval_impl() is None
     cfg = get_cfg()
@@ -127,3 +137,29 @@ def test_without_faster_coco_eval_auto_falls_back_to_pycocotools(tmp_path, evalu
         evaluator = build_coco_evaluator(cfg, _register(tmp_path, evaluation[0]))
     assert not evaluator._use_fast_impl and coco_evaluation.COCOeval_opt is coco_evaluation.COCOeval
     assert "pip install faster-coco-eval" in caplog.text
+
+
+def test_benchmark_script_prints_the_ratio(tmp_path, monkeypatch, capsys):
+    """tools/benchmark_coco_eval.py on a few images: the table's ratios are those of its report."""
+    report_file = tmp_path / "coco_eval.json"
+    argv = ["--images", "4", "--max-dets", "20", "--objects", "10", "--json", str(report_file)]
+    monkeypatch.setattr(sys, "argv", ["benchmark_coco_eval.py", *argv])
+    runpy.run_path(str(REPO / "tools" / "benchmark_coco_eval.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    report = json.loads(report_file.read_text())
+    assert report["images"] == 4 and 4 * 10 <= report["detections"] <= 4 * 20
+    rows = {words[0]: words for words in map(str.split, lines) if words and words[0] in ("bbox", "segm", "both")}
+    assert set(rows) == {"bbox", "segm", "both"}
+    for task in ("bbox", "segm"):
+        entry = report["tasks"][task]
+        assert entry["impl"] == "faster_coco_eval" and entry["max_abs_diff"] <= 1e-4
+        assert entry["speedup"] == pytest.approx(entry["pycocotools"]["seconds"] / entry["fast"]["seconds"])
+        assert rows[task][3] == f"{entry['speedup']:.1f}x"  # the printed ratio is the measured one
+    seconds = {name: sum(entry[name]["seconds"] for entry in report["tasks"].values()) for name in ("pycocotools", "fast")}
+    assert rows["both"][3] == f"{seconds['pycocotools'] / seconds['fast']:.1f}x"
+
+
+def test_detectron2s_compiled_evaluator_is_kept(monkeypatch):
+    compiled = type("COCOeval_opt", (coco_evaluation.COCOeval,), {"__module__": "detectron2.evaluation.fast_eval_api"})
+    monkeypatch.setattr(coco_evaluation, "COCOeval_opt", compiled)
+    assert fast_coco_eval_impl() == "detectron2" and coco_evaluation.COCOeval_opt is compiled

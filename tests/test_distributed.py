@@ -157,7 +157,8 @@ CLUSTER_DRIVER = textwrap.dedent(
         def before_train(self):
             out, rank = self.trainer.cfg.OUTPUT_DIR, comm.get_rank()
             record = {{"rank": rank, "world": comm.get_world_size(), "pid": os.getpid(), "ppid": os.getppid(),
-                       "start_iter": self.trainer.start_iter, "ddp": type(self.trainer.model).__name__}}
+                       "start_iter": self.trainer.start_iter, "ddp": type(self.trainer.model).__name__,
+                       "backend": torch.distributed.get_backend()}}
             with open(os.path.join(out, f"runs_rank{{rank}}.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\\n")
 
@@ -221,26 +222,38 @@ def driver(tmp_path_factory):
     return path
 
 
-def run_ranks(commands, env, timeout=300):
-    """Run one process per rank until all have ended or one has failed (the others are then
-    killed), or ``timeout`` seconds have passed (fails). Returns (exit codes, outputs)."""
+def run_ranks(commands, env, timeout=300, kill_on_failure=True):
+    """Run one process per rank until all have ended or, with ``kill_on_failure``, one has
+    failed (the others are then killed); fail if ``timeout`` seconds pass first (the processes
+    are killed). Returns (exit codes, outputs)."""
     logs = [tempfile.TemporaryFile("w+") for _ in commands]
-    procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True) for c, log in zip(commands, logs)]
+    procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for c, log in zip(commands, logs)]
     deadline = time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+        while any(p.poll() is None for p in procs):
+            if kill_on_failure and any(p.poll() not in (None, 0) for p in procs):
+                break
             assert time.monotonic() < deadline, f"ranks still running after {timeout} s"
             time.sleep(0.1)
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            kill_process_group(p)
     outputs = []
     for log in logs:
         log.seek(0)
         outputs.append(log.read())
     return [p.returncode for p in procs], outputs
+
+
+def kill_process_group(proc):
+    """Kill ``proc`` (started with ``start_new_session=True``) and whatever it started that is still
+    running (spawned workers, torchrun's workers), so that no test leaves processes behind."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # all of them have ended
+        pass
+    proc.wait()
 
 
 def assert_ranks_succeed(commands, env):
@@ -278,14 +291,12 @@ def torchrun_run(tmp_path_factory, driver, cluster_env):
     out = tmp_path_factory.mktemp("torchrun")
     torchrun = subprocess.Popen(
         torchrun_command(driver, out, "--num-gpus", "2"), cwd=REPO, env=cluster_env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
         output, _ = torchrun.communicate(timeout=300)
     finally:
-        if torchrun.poll() is None:
-            torchrun.kill()
-            torchrun.wait()
+        kill_process_group(torchrun)
     assert torchrun.returncode == 0, output[-6000:]
     return out, torchrun.pid, final_weights(out)
 
@@ -298,7 +309,7 @@ def test_torchrun_joins_from_the_environment(torchrun_run):
     (r0,), (r1,) = records
     assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)
     assert r0["ppid"] == r1["ppid"] == torchrun_pid  # torchrun's own workers, not spawned by launch
-    assert r0["ddp"] == r1["ddp"] == "DistributedDataParallel"
+    assert r0["ddp"] == r1["ddp"] == "DistributedDataParallel" and r0["backend"] == r1["backend"] == "gloo"
     assert load_model_weights(out / "model_final.pth").keys() == weights.keys()
 
 
@@ -312,7 +323,7 @@ def test_two_machines_on_one_host_end_with_the_same_weights(tmp_path, driver, cl
         for machine in (0, 1)
     ]
     assert_ranks_succeed(commands, cluster_env)
-    assert [(r["rank"], r["world"]) for m in (0, 1) for r in runs(out, m)] == [(0, 2), (1, 2)]
+    assert [(r["rank"], r["world"], r["backend"]) for m in (0, 1) for r in runs(out, m)] == [(0, 2, "gloo"), (1, 2, "gloo")]
     weights, reference = final_weights(out), torchrun_run[2]
     assert [k for k in reference if not torch.equal(weights[k], reference[k])] == []
 
@@ -325,7 +336,7 @@ def test_slurm_job_stopped_requeued_and_resumed_ends_with_the_same_weights(tmp_p
     out.mkdir()
     for key, value in cluster_env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("ACM_TEST_WAIT_AT", "3")  # rank 1 waits at iteration 3 for its SIGUSR2
+    monkeypatch.setenv("ACM_TEST_WAIT_AT", "3")  # rank 1 waits at iteration 3 for the stop signal
     args = ["--config-file", str(CONFIG), *cluster_opts(out)]
     job = submit_training(driver, args, str(tmp_path / "jobs"), gpus_per_node=0, tasks_per_node=2, cpus_per_task=1,
                           time_min=10, cluster="local")
@@ -335,7 +346,11 @@ def test_slurm_job_stopped_requeued_and_resumed_ends_with_the_same_weights(tmp_p
             assert not job.done(), f"the job ended before iteration 3:\n{job.task(0).stderr()}"
             assert time.monotonic() < deadline, "iteration 3 not reached in time"
             time.sleep(0.05)
-        os.kill(int((out / "waiting_pid").read_text()), signal.SIGUSR2)  # as SLURM does; only to rank 1 here
+        # SLURM sends SIGUSR2 to every task of the job (submitit asks for it with --signal=USR2@...)
+        tasks = [runs(out, rank)[0]["pid"] for rank in (0, 1)]
+        assert tasks[1] == int((out / "waiting_pid").read_text())
+        for pid in tasks:
+            os.kill(pid, signal.SIGUSR2)
         while not job.done():
             assert time.monotonic() < deadline, "the requeued job did not finish in time"
             time.sleep(0.2)
@@ -347,50 +362,59 @@ def test_slurm_job_stopped_requeued_and_resumed_ends_with_the_same_weights(tmp_p
     # stopped after iteration 3 with a checkpoint, requeued with --resume, resumed at iteration 4
     assert load_model_weights(out / "model_0000003.pth").keys() == torchrun_run[2].keys()
     assert [[r["start_iter"] for r in runs(out, rank)] for rank in (0, 1)] == [[0, 4], [0, 4]]
+    assert all(len({r["pid"] for r in runs(out, rank)}) == 2 for rank in (0, 1))  # new task processes
     assert all(r["world"] == 2 for rank in (0, 1) for r in runs(out, rank))
     assert "Requeued job" in task0_log
     weights, reference = final_weights(out), torchrun_run[2]
     assert [k for k in reference if not torch.equal(weights[k], reference[k])] == []
 
 
-# launch() as tools/train_net.py calls it; rank 1 fails, the others wait for it in a barrier.
+# launch() as tools/train_net.py calls it; rank 1 fails (raises, or dies without a Python
+# error, as when the out-of-memory killer ends it), the others wait for it in a barrier.
 FAILING_DRIVER = textwrap.dedent(
     """
-    import sys
+    import os, signal, sys
     from detectron2.utils import comm
     from acm_d2.engine import launch
 
 
-    def main():
+    def main(how):
         if comm.get_rank() == 1:
+            if how == "dies":
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("worker failing on purpose")
         comm.synchronize()
 
 
     if __name__ == "__main__":
-        num_gpus, num_machines, machine_rank, url = sys.argv[1:]
-        launch(main, int(num_gpus), int(num_machines), int(machine_rank), url, device="cpu")
+        num_gpus, num_machines, machine_rank, url, how = sys.argv[1:]
+        launch(main, int(num_gpus), int(num_machines), int(machine_rank), url, args=(how,), device="cpu")
     """
 )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "two_machines"])
-def test_a_failing_worker_ends_the_run_naming_its_rank(tmp_path, cluster_env, launcher):
+@pytest.mark.parametrize("launcher,how", [("torchrun", "raises"), ("two_machines", "dies")])
+def test_a_failing_worker_ends_the_run_naming_its_rank(tmp_path, cluster_env, launcher, how):
     script = tmp_path / "failing.py"
     script.write_text(FAILING_DRIVER)
     url = f"tcp://127.0.0.1:{free_port()}"
     if launcher == "torchrun":
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-        codes, outputs = run_ranks([torchrun + [str(script), "1", "1", "0", url]], cluster_env, timeout=120)
+        codes, outputs = run_ranks([torchrun + [str(script), "1", "1", "0", url, how]], cluster_env, timeout=120)
         assert codes[0] != 0
         assert "Rank 1 (machine 0, local rank 1) failed: RuntimeError: worker failing on purpose" in outputs[0]
         assert re.search(r"rank\s*: 1 ", outputs[0]), outputs[0][-3000:]  # torchrun's summary of the failure
-    else:
-        commands = [[sys.executable, str(script), "1", "2", str(machine), url] for machine in (0, 1)]
-        codes, outputs = run_ranks(commands, cluster_env, timeout=120)
-        assert codes[1] != 0
-        assert "Rank 1 (machine 1, local rank 0) failed: RuntimeError: worker failing on purpose" in outputs[1]
+        return
+    commands = [[sys.executable, str(script), "1", "2", str(machine), url, how] for machine in (0, 1)]
+    # both "machines" end by themselves: machine 0's barrier fails when rank 1's connections close
+    codes, outputs = run_ranks(commands, cluster_env, timeout=120, kill_on_failure=False)
+    assert codes[0] != 0 and codes[1] != 0, outputs
+    # rank 1 died without a Python error: launch names its global rank (torch: "process 0", its local index)
+    assert "WorkerFailedError: Rank 1 (machine 1, local rank 0) died with SIGKILL" in outputs[1], outputs[1][-3000:]
+    # rank 0's collective failed: it logs its rank, and its launch raises naming it
+    assert "Rank 0 (machine 0, local rank 0) failed" in outputs[0], outputs[0][-3000:]
+    assert "WorkerFailedError: Rank 0 (machine 0, local rank 0) raised an error" in outputs[0], outputs[0][-3000:]
 
 
 def test_launcher_environment_is_read_and_checked(monkeypatch):

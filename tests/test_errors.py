@@ -213,3 +213,44 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = _save(tmp_path / "other.pth", {"head.weight": torch.zeros(2, 2)})
     with pytest.raises(CheckpointLoadError, match="None of the .* parameters and buffers of the model was found"):
         SafeCheckpointer(backbone()).load(path)
+
+
+def test_evaluation_needs_every_parameter_from_the_checkpoint(tmp_path):
+    """--eval-only's checkpointer (require_complete): ImageNet-like weights of the backbone
+    alone, or a head of another shape, would leave random parameters and are refused."""
+    source = backbone()
+    state = source.state_dict()
+    partial = {k: v for k, v in state.items() if k.startswith("bottom_up.")}
+    with pytest.raises(CheckpointLoadError) as info:
+        SafeCheckpointer(backbone(), require_complete=True).load(_save(tmp_path / "partial.pth", partial))
+    n_missing = len([k for k in state if not k.startswith("bottom_up.") and not k.endswith("num_batches_tracked")])
+    message = str(info.value)
+    assert message.startswith(f"{n_missing} of the ")
+    assert "they would keep their random initialisation" in message and "Check MODEL.WEIGHTS" in message
+    other_shape = dict(state, **{"fpn_output2.bias": torch.zeros(3)})
+    with pytest.raises(CheckpointLoadError, match=r"^1 of the .* not in the checkpoint or have other shapes \(e.g. \['fpn_output2.bias'\]\)"):
+        SafeCheckpointer(backbone(), require_complete=True).load(_save(tmp_path / "other.pth", other_shape))
+    model = backbone()
+    SafeCheckpointer(model, require_complete=True).load(_save(tmp_path / "whole.pth", state))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    SafeCheckpointer(backbone()).load(_save(tmp_path / "partial.pth", partial))  # training from it is fine
+
+
+@pytest.mark.parametrize(
+    "where, words",
+    [
+        ("opts", "the command line: MODEL.ACM.META_ARCHITECTURE is not a config key; MODEL.ACM has: ['GROUPS', "),
+        ("yaml", "evil.yaml: MODEL.ACM.META_ARCHITECTURE is not a config key; MODEL.ACM has: ['GROUPS', "),
+    ],
+)
+def test_unknown_key_names_the_section_and_the_key_meant(tmp_path, where, words):
+    if where == "yaml":
+        config = tmp_path / "evil.yaml"
+        config.write_text(f'_BASE_: "{SYNTHETIC_ABS}"\nMODEL:\n  ACM:\n    META_ARCHITECTURE: "Nothing"\n')
+        call = lambda: acm_cfg(str(config))  # noqa: E731
+    else:
+        call = lambda: acm_cfg(SYNTHETIC, "MODEL.ACM.META_ARCHITECTURE", "Nothing")  # noqa: E731
+    with pytest.raises(ValueError) as info:
+        call()
+    assert words in str(info.value)
+    assert str(info.value).endswith("'VARIANT']. Did you mean MODEL.META_ARCHITECTURE?")

@@ -60,7 +60,7 @@ def _random_mapper(d):  # an "augmentation" that draws from all three global gen
     return {**d, "draw": (random.random(), float(np.random.rand()), float(torch.rand(())))}
 
 
-@pytest.mark.parametrize("num_workers, grouping", [(0, True), (2, False)])
+@pytest.mark.parametrize("num_workers, grouping", [(0, True), (1, True), (2, False)])
 def test_loader_resumes_batches_and_augmentations(num_workers, grouping):
     from detectron2.data import DatasetFromList, build_detection_train_loader
 
@@ -84,6 +84,35 @@ def test_loader_resumes_batches_and_augmentations(num_workers, grouping):
     full = first(loader(0), 8)
     assert first(loader(5), 3) == full[5:]
     assert len({d for batch in full for _, d in batch}) == 16  # the draws differ image to image
+
+
+def test_starting_the_loader_draws_nothing_from_the_global_generator():
+    """Detectron2 starts the loader's iterator at the first step of each run, right after
+    IterationSeed seeded the global generators: at iteration 0 in a full run, at the resume
+    iteration in a resumed one. With NUM_WORKERS 1 (the built-in configs') the DataLoader
+    would draw its workers' base seed from torch's global generator there; the resumable
+    loader has a generator of its own."""
+    from detectron2.data import DatasetCatalog, build_detection_train_loader
+
+    from acm_d2.engine import build_resumable_train_loader
+    from conftest import acm_cfg
+
+    name = "test_resume_loader_generator"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"id": i, "width": 4, "height": 3} for i in range(6)])
+    cfg = acm_cfg(
+        "configs/Base-RCNN-FPN-ACM.yaml", "DATASETS.TRAIN", f"('{name}',)", "DATALOADER.NUM_WORKERS", "1",
+        "DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False", "SOLVER.IMS_PER_BATCH", "2",
+    )
+    loader, sampler, dataset = build_resumable_train_loader(cfg, mapper=lambda d: d, seed=3)
+    plain = build_detection_train_loader(dataset=dataset, mapper=None, sampler=sampler, total_batch_size=2, num_workers=1)
+    drawn = {}
+    for kind, data_loader in (("resumable", loader), ("plain", plain)):
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        assert len(next(iter(data_loader))) == 2
+        drawn[kind] = not torch.equal(before, torch.get_rng_state())
+    assert drawn == {"resumable": False, "plain": True}
 
 
 def _take(iterable, n):

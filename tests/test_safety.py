@@ -180,11 +180,13 @@ class _DivergingRPN(nn.Module):
 def test_diverging_rpn_says_what_to_change(nan_weight):
     model = _DivergingRPN(nan_weight)
     trainer = CheckedSimpleTrainer(model, [[{}]] * 3, torch.optim.SGD(model.parameters(), lr=0.1))
-    with EventStorage(0), pytest.raises(FloatingPointError) as info:
+    with EventStorage(6) as storage, pytest.raises(FloatingPointError) as info:
+        storage.put_scalars(loss_cls=0.5, loss_rpn_loc=2.5e5, total_loss=2.5e5 + 0.5, lr=0.02)  # iteration 6's
         trainer.iter = 7
         trainer.run_step()
     message = str(info.value)
     assert message.startswith("Training diverged at iteration=7: the RPN predicted non-finite boxes")
+    assert "Loss terms of the last logged iteration, the largest first: total_loss=2.5e+05, loss_rpn_loc=2.5e+05, loss_cls=0.5\n" in message
     assert "Predicted boxes or scores contain Inf/NaN" in message
     for setting in ("SOLVER.BASE_LR", "SOLVER.WARMUP_ITERS", "SOLVER.CLIP_GRADIENTS.ENABLED", "--resume"):
         assert setting in message
@@ -217,3 +219,78 @@ def test_num_classes_must_cover_the_categories(caplog):
     with pytest.raises(ValueError, match="^MODEL.RETINANET.NUM_CLASSES=1, .* Set MODEL.RETINANET.NUM_CLASSES 3.$"):
         check_num_classes(retina)
     check_num_classes(retina, dataset_names=[])  # nothing to check against
+
+
+def test_num_classes_checked_once_the_datasets_are_loaded(tmp_path):
+    """A dataset registered with Detectron2's register_coco_instances(name, {}, ...) has its
+    categories only once loaded: the trainer checks it then, before the first iteration."""
+    from detectron2.data.datasets import register_coco_instances
+
+    from acm_d2.engine import ResumableTrainer
+    from train_net_runs import tiny_opts, write_tiny_coco
+
+    json_file, image_root = write_tiny_coco(tmp_path / "data", num_images=2, size=32)
+    name = "test_safety_detectron2_registered"
+    register_coco_instances(name, {}, json_file, image_root)
+    opts = tiny_opts(tmp_path / "out", max_iter=1, dataset=name)
+    cfg = acm_cfg("configs/Base-RCNN-FPN-ACM.yaml", *opts, "MODEL.ROI_HEADS.NUM_CLASSES", "1")
+    with pytest.raises(ValueError) as info:
+        ResumableTrainer(cfg)
+    assert str(info.value) == (
+        f"MODEL.ROI_HEADS.NUM_CLASSES=1, but the datasets ['{name}'] have more categories: '{name}' has 2 "
+        f"('red', 'green'). The model would train the categories beyond 1 as background (or fail in the loss). "
+        f"Set MODEL.ROI_HEADS.NUM_CLASSES 2."
+    )
+
+
+# ------------------------------------------------ Detectron2's own scripts (acm_d2.detectron2_tools)
+_DETECTRON2_SCRIPT = """
+import json, sys
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, get_cfg
+
+results = {}
+for name, load in [
+    ("merge_from_file", lambda: get_cfg().merge_from_file(sys.argv[1])),
+    ("LazyConfig.load", lambda: LazyConfig.load(sys.argv[1])),
+    ("DetectionCheckpointer", lambda: DetectionCheckpointer(torch.nn.Linear(3, 4)).load(sys.argv[2])),
+]:
+    try:
+        load()
+        results[name] = "loaded"
+    except Exception as e:
+        results[name] = f"{type(e).__name__}: {e}"
+print(json.dumps(results))
+"""
+
+
+def test_detectron2_scripts_read_yaml_and_weights_safely(tmp_path):
+    """python -m acm_d2.detectron2_tools SCRIPT: Detectron2's get_cfg().merge_from_file and
+    LazyConfig.load refuse Python tags, DetectionCheckpointer loads with weights_only also
+    with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set."""
+    import json
+    import subprocess
+    import sys
+
+    from train_net_runs import REPO
+
+    yaml_marker = tmp_path / "yaml.ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'MODEL:\n  WEIGHTS: !!python/object/apply:builtins.open ["{yaml_marker}", "w"]\n')
+    weights = tmp_path / "weights.pth"
+    weights_marker = _hostile_file(weights)
+    script = tmp_path / "script.py"
+    script.write_text(_DETECTRON2_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "acm_d2.detectron2_tools", str(script), str(config), str(weights)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    refused = f"ValueError: {config}: the YAML config has a tag that would construct Python objects"
+    assert results["merge_from_file"].startswith(refused)
+    assert results["LazyConfig.load"].startswith(refused)
+    assert results["DetectionCheckpointer"].startswith(f"UnsafeCheckpointError: {weights} cannot be loaded with torch.load(weights_only=True)")
+    assert not yaml_marker.exists() and not weights_marker.exists()

@@ -72,3 +72,26 @@ def test_without_submitit_the_tool_says_how_to_install_it(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "needs the optional package submitit: pip install submitit" in proc.stderr
+
+
+def test_local_job_is_signalled_before_its_time_limit(tmp_path, monkeypatch):
+    """--cluster local: submitit's local executor gets the time limit and the signal delay, so it
+    sends SIGUSR2 --signal-delay seconds before --time, as SLURM does."""
+    submitit = pytest.importorskip("submitit")
+    from acm_d2.engine.slurm import submit_training
+
+    submitted = {}
+
+    class Submitted(Exception):
+        pass
+
+    def record(executor, job):
+        submitted.update(executor.parameters, job=job, max_num_timeout=executor.max_num_timeout)
+        raise Submitted  # stop before a process is started
+
+    monkeypatch.setattr(submitit.LocalExecutor, "submit", record)
+    with pytest.raises(Submitted):
+        submit_training("tools/train_net.py", ["--config-file", "x.yaml"], str(tmp_path), gpus_per_node=0,
+                        tasks_per_node=2, time_min=3, signal_delay_s=60, max_requeues=4, cluster="local")
+    assert (submitted["timeout_min"], submitted["signal_delay_s"], submitted["tasks_per_node"]) == (3, 60, 2)
+    assert submitted["max_num_timeout"] == 4 and submitted["job"].args == ["--config-file", "x.yaml"]

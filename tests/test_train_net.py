@@ -50,12 +50,22 @@ def test_train_then_eval_only(tmp_path):
         assert 0.0 <= tasks[task]["AP"] <= 100.0  # not NaN: the model made predictions
     assert (eval_out / "inference" / "coco_instances_results.json").is_file()
     assert "acm_d2" in log and "ACM in every block of" in log  # acm-d2's own log lines reach the log
+    assert "acm_d2.data.coco_format INFO: Registering COCO-format dataset 'tiny'" in log
 
     # --eval-only without weights is refused rather than evaluating a random model
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(train_net_command(json_file, image_root, tiny_opts(tmp_path / "none"), "--eval-only"),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--eval-only needs trained weights: set MODEL.WEIGHTS" in proc.stderr
+
+    # nor with weights that leave parameters random (the backbone's alone, as ImageNet weights)
+    backbone_only = tmp_path / "backbone_only.pth"
+    torch.save({"model": {k: v for k, v in last.items() if k.startswith("backbone.bottom_up.")}}, backbone_only)
+    opts = tiny_opts(tmp_path / "partial") + ["MODEL.WEIGHTS", str(backbone_only)]
+    proc = subprocess.run(train_net_command(json_file, image_root, opts, "--eval-only"),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "are not in the checkpoint (e.g. ['backbone.fpn_lateral2.weight'" in proc.stderr
+    assert "they would keep their random initialisation" in proc.stderr
 
 
 def test_full_model_gradient_clipping():

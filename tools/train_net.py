@@ -70,9 +70,9 @@ def setup(args):
     set-up; acm-d2's own log lines go to the same log as Detectron2's."""
     cfg = get_acm_cfg(args.config_file, args.opts)
     cfg.freeze()
-    register_datasets(cfg, args)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2", abbrev_name="acm_d2")
+    register_datasets(cfg, args)  # after the loggers: its log lines (what was registered) reach log.txt
     return cfg
 
 
@@ -82,7 +82,8 @@ def main(args):
     if args.eval_only:
         check_num_classes(cfg, cfg.DATASETS.TEST)
         model = Trainer.build_model(cfg)
-        checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        # Every parameter must come from the checkpoint: no random heads are evaluated.
+        checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_complete=True)
         if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
             raise ValueError(
                 "--eval-only needs trained weights: set MODEL.WEIGHTS path/to/model_final.pth, or pass --resume with "

@@ -506,7 +506,7 @@ def _num_classes_setting(cfg) -> Optional[str]:
     meta = cfg.MODEL.META_ARCHITECTURE  # e.g. "GeneralizedRCNN", "ACMRetinaNet"
     if "RetinaNet" in meta:
         return "MODEL.RETINANET.NUM_CLASSES"
-    if "RCNN" in meta:
+    if "RCNN" in meta or "PanopticFPN" in meta:  # PanopticFPN: a Mask R-CNN with a semantic head
         return "MODEL.ROI_HEADS.NUM_CLASSES"
     return None
 
@@ -514,7 +514,7 @@ def _num_classes_setting(cfg) -> Optional[str]:
 def check_num_classes(cfg, dataset_names: Optional[Sequence[str]] = None) -> None:
     """Check that the model predicts as many classes as the datasets have categories.
 
-    Compares ``MODEL.ROI_HEADS.NUM_CLASSES`` (R-CNN meta-architectures) or
+    Compares ``MODEL.ROI_HEADS.NUM_CLASSES`` (R-CNN and PanopticFPN meta-architectures) or
     ``MODEL.RETINANET.NUM_CLASSES`` (RetinaNet, ACMRetinaNet) with the number of ``thing_classes`` in the metadata of
     ``dataset_names`` (default ``DATASETS.TRAIN``). Datasets whose metadata has no
     ``thing_classes`` yet (registered without them and not loaded) are not checked.

@@ -21,6 +21,9 @@
   Detectron2's behaviour. ACM parameters that are *missing* (loading ImageNet weights into
   an ACM model) are reported as missing, as Detectron2 does. (Checkpoints in the layout of
   the ACM authors' fork are converted by the model itself while it loads.)
+* A checkpoint none of whose keys fit the model is refused; with ``require_complete=True``
+  (``tools/train_net.py --eval-only``) so is one that leaves any parameter or buffer of the
+  model at its random initialisation (e.g. ImageNet weights, a head of another size).
 * ``save`` writes ``model_XXXX.pth`` / ``model_final.pth`` and ``last_checkpoint``
   atomically (a temporary file in the same folder, fsync, ``os.replace``): a kill during a
   write leaves the previous files intact, so ``--resume`` always finds a whole checkpoint.
@@ -113,8 +116,16 @@ class SafeCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with safe loading, ACM shape checks and atomic saves.
 
     Same arguments as :class:`DetectionCheckpointer` (model, save_dir, save_to_disk,
-    checkpointables). See the module docstring for what differs.
+    checkpointables), plus ``require_complete``: if True, loading raises
+    :class:`CheckpointLoadError` unless every parameter and buffer of the model comes from
+    the checkpoint (for evaluation: a parameter left at its random initialisation, e.g. the
+    heads when MODEL.WEIGHTS names ImageNet weights, would make the results meaningless).
+    See the module docstring for what else differs.
     """
+
+    def __init__(self, model, save_dir: str = "", *, require_complete: bool = False, **kwargs: Any):
+        super().__init__(model, save_dir, **kwargs)
+        self.require_complete = require_complete
 
     # ---------------------------------------------------------------- saving
     def save(self, name: str, **kwargs: Any) -> None:
@@ -309,6 +320,19 @@ class SafeCheckpointer(DetectionCheckpointer):
             )
             self.logger.error(message)
             raise ACMShapeMismatchError(message, mismatched)
+        missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+        if self.require_complete and missing:
+            shapes = {k for k, _, _ in incompatible.incorrect_shapes}
+            message = (
+                f"{len(missing)} of the {len(model_keys)} parameters and buffers of the model are not in the "
+                f"checkpoint{' or have other shapes' if shapes & set(missing) else ''} (e.g. {missing[:5]}), so "
+                f"they would keep their random initialisation; evaluation needs a checkpoint of this model "
+                f"trained with this config (e.g. OUTPUT_DIR/model_final.pth), not ImageNet weights or the "
+                f"checkpoint of another config. Check MODEL.WEIGHTS and MODEL.ROI_HEADS.NUM_CLASSES / "
+                f"MODEL.ACM settings."
+            )
+            self.logger.error(message)
+            raise CheckpointLoadError(message)
         return incompatible
 
 

@@ -118,6 +118,7 @@ class ResumableTrainingSampler(TrainingSampler):
             return
         if self._aspect_groups is None:
             self._start = start_iter * batch_size
+            logger.info("Data stream resumes at position %d of this process (iteration %d)", self._start, start_iter)
             return
         buckets: List[List[Tuple[int, int]]] = [[], []]
         emitted = 0

@@ -16,9 +16,12 @@ cpu``, or no CUDA). For CPU training with several processes on a machine that ha
 the spawned workers are started with the GPUs hidden (Detectron2 would pick NCCL).
 
 A worker whose ``main_func`` raises logs ``Rank R (machine M, local rank L) failed`` (and adds
-it to the error's traceback on Python >= 3.11) before the error propagates: Detectron2's spawning reports the failed process (local index) and
-torchrun reports the failed rank, and the other processes stop (their collectives fail, or
-torchrun ends them).
+it to the error's traceback on Python >= 3.11) before the error propagates. A worker that
+dies without a Python error (killed by a signal, ``os._exit``) cannot say so itself: torchrun
+reports the failed rank, and with Detectron2's spawning :func:`launch` raises
+:class:`WorkerFailedError`, which names the global rank (torch reports only the index of the
+process on its machine). The other processes stop: their collectives fail when the peer's
+connections close, or torchrun ends them.
 """
 import logging
 import os
@@ -27,11 +30,12 @@ from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
-__all__ = ["launch", "external_launcher_environment"]
+__all__ = ["launch", "external_launcher_environment", "WorkerFailedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,26 @@ def external_launcher_environment(environ: Optional[Mapping[str, str]] = None) -
             f"every machine must run the same number of processes"
         )
     return layout
+
+
+class WorkerFailedError(RuntimeError):
+    """A training process started by :func:`launch` (Detectron2's spawning) raised or died.
+
+    Attributes:
+        rank: its global rank (``machine_rank * num_gpus_per_machine + local_rank``).
+        machine_rank, local_rank: the machine and the process's index on it.
+    """
+
+    def __init__(self, rank: int, machine_rank: int, local_rank: int, cause: Exception):
+        exit_code = getattr(cause, "exit_code", None)
+        how = "raised an error"
+        if exit_code is not None:
+            signal_name = getattr(cause, "signal_name", None)
+            how = f"died with {signal_name}" if signal_name else f"exited with code {exit_code} without a Python error"
+            if signal_name == "SIGKILL":
+                how += " (often the out-of-memory killer: lower SOLVER.IMS_PER_BATCH or DATALOADER.NUM_WORKERS)"
+        super().__init__(f"Rank {rank} (machine {machine_rank}, local rank {local_rank}) {how}: {cause}")
+        self.rank, self.machine_rank, self.local_rank = rank, machine_rank, local_rank
 
 
 def _backend(device: str) -> str:
@@ -126,6 +150,17 @@ def _join_external_group(main_func, layout: dict, num_gpus_per_machine: int, arg
     return result
 
 
+def _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout):
+    """Detectron2's ``launch``; a failed worker process is reported as :class:`WorkerFailedError`."""
+    try:
+        return detectron2_launch(
+            main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout
+        )
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        local_rank = e.error_index
+        raise WorkerFailedError(machine_rank * num_gpus_per_machine + local_rank, machine_rank, local_rank, e) from e
+
+
 def launch(
     main_func,
     num_gpus_per_machine: int,
@@ -160,16 +195,12 @@ def launch(
         main_func = _RankNamedMain(main_func)
     hide_gpus = device == "cpu" and world_size > 1 and torch.cuda.is_available()
     if not hide_gpus:
-        return detectron2_launch(
-            main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout
-        )
+        return _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
     logger.info("MODEL.DEVICE is cpu: starting %d CPU processes (gloo) with the GPUs hidden", num_gpus_per_machine)
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        return detectron2_launch(
-            main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout
-        )
+        return _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
     finally:
         if saved is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]

@@ -125,7 +125,7 @@ def submit_training(
         partition, time_min (minutes), cpus_per_task, mem_gb (per node): SLURM's
             ``--partition``, ``--time``, ``--cpus-per-task``, ``--mem``.
         signal_delay_s: SIGUSR2 this many seconds before the time limit (one iteration and
-            one checkpoint must fit).
+            one checkpoint must fit); also with ``cluster="local"``.
         max_requeues: how often the job may be requeued at its time limit (preemptions do
             not count), submitit's ``max_num_timeout``.
         slurm_options: more ``#SBATCH`` options, e.g. ``{"account": "abc", "qos": "high"}``
@@ -139,18 +139,26 @@ def submit_training(
         raise ValueError(f"cluster must be None, 'slurm' or 'local', got {cluster!r}")
     if tasks_per_node is None:
         tasks_per_node = gpus_per_node or 1
-    executor = submitit.AutoExecutor(
-        folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues, local_max_num_timeout=max_requeues
-    )
-    if executor.cluster != "slurm" and (slurm_options or partition):
-        logger.warning("cluster %s: the SLURM options (partition, --slurm) are not used", executor.cluster)
-    executor.update_parameters(
-        name=name, nodes=nodes, tasks_per_node=tasks_per_node, gpus_per_node=gpus_per_node or None,
-        cpus_per_task=cpus_per_task, timeout_min=time_min, mem_gb=mem_gb,
-        slurm_partition=partition, slurm_signal_delay_s=signal_delay_s,
-        slurm_additional_parameters=dict(slurm_options or {}), slurm_setup=list(setup), local_setup=list(setup),
-    )
+    cluster = cluster or submitit.AutoExecutor.which()
+    if cluster == "local":
+        # The local executor plays SLURM's part: SIGUSR2 signal_delay_s before the time limit,
+        # tasks started again on a requeue (AutoExecutor does not pass it the signal delay).
+        if slurm_options or partition:
+            logger.warning("cluster local: the SLURM options (partition, --slurm) are not used")
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=max_requeues)
+        executor.update_parameters(
+            nodes=nodes, tasks_per_node=tasks_per_node, gpus_per_node=gpus_per_node, timeout_min=time_min,
+            signal_delay_s=signal_delay_s, setup=list(setup),
+        )
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues)
+        executor.update_parameters(
+            name=name, nodes=nodes, tasks_per_node=tasks_per_node, gpus_per_node=gpus_per_node or None,
+            cpus_per_task=cpus_per_task, timeout_min=time_min, mem_gb=mem_gb,
+            slurm_partition=partition, slurm_signal_delay_s=signal_delay_s,
+            slurm_additional_parameters=dict(slurm_options or {}), slurm_setup=list(setup),
+        )
     job = executor.submit(TrainingJob(str(Path(script).resolve()), args))
-    logger.info("Submitted job %s (%s): %d node(s) x %d task(s); logs in %s", job.job_id, executor.cluster,
+    logger.info("Submitted job %s (%s): %d node(s) x %d task(s); logs in %s", job.job_id, cluster,
                 nodes, tasks_per_node, folder)
     return job

@@ -11,9 +11,10 @@
   happened, naming the non-finite terms and whether ``loss_acm_orth`` is one of them; a
   forward pass that diverged before the losses (Detectron2's RPN: "Predicted boxes or
   scores contain Inf/NaN") raises one that names the non-finite parameters and what to change;
-* ``MODEL.ROI_HEADS.NUM_CLASSES`` / ``MODEL.RETINANET.NUM_CLASSES`` are checked against the
-  categories of ``DATASETS.TRAIN`` before the model is built
-  (:func:`acm_d2.data.check_num_classes`);
+* ``MODEL.META_ARCHITECTURE`` and ``MODEL.BACKBONE.NAME`` must be registered names, and
+  ``MODEL.ROI_HEADS.NUM_CLASSES`` / ``MODEL.RETINANET.NUM_CLASSES`` are checked against the
+  categories of ``DATASETS.TRAIN`` before the model is built, and again once the datasets
+  are loaded (:func:`acm_d2.data.check_num_classes`), before the first iteration;
 * ``model_final.pth`` exists after every completed run: a run killed while writing it is
   completed by ``resume_or_load`` (it writes the file from the last checkpoint);
 * ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` "full_model" (clip the norm of all gradients together);
@@ -28,10 +29,13 @@ import weakref
 from typing import Mapping, Optional
 
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
+from ..config import check_registered_names
 from ..data.coco_format import check_num_classes
 from ..modeling.orth_loss import LOSS_KEY
 from .checkpointer import SafeCheckpointer
@@ -80,9 +84,12 @@ def non_finite_loss_message(loss_dict: Mapping[str, float], iteration: int, wher
 _RPN_DIVERGED = "Predicted boxes or scores contain Inf/NaN"
 
 
-def diverged_forward_message(model: torch.nn.Module, iteration: int, error: str) -> str:
+def diverged_forward_message(
+    model: torch.nn.Module, iteration: int, error: str, last_losses: Optional[Mapping[str, float]] = None
+) -> str:
     """The message for a forward pass that raised ``error`` (Detectron2's "Predicted boxes or
-    scores contain Inf/NaN") at ``iteration``: which parameters are non-finite, what to change."""
+    scores contain Inf/NaN") at ``iteration``: which parameters are non-finite, the loss terms
+    of the last iteration that logged them (``last_losses``, the largest first), what to change."""
     params = list(model.named_parameters())
     bad = [name for name, p in params if not bool(torch.isfinite(p.detach()).all())]
     if bad:
@@ -97,6 +104,11 @@ def diverged_forward_message(model: torch.nn.Module, iteration: int, error: str)
             "Every parameter is finite: the activations overflowed in this forward pass (large "
             "weights or inputs)."
         )
+    if last_losses:
+        terms = sorted(last_losses.items(), key=lambda kv: -abs(kv[1]) if math.isfinite(kv[1]) else -math.inf)
+        found += "\nLoss terms of the last logged iteration, the largest first: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in terms
+        )
     return (
         f"Training diverged at iteration={iteration}: the RPN predicted non-finite boxes or "
         f"objectness scores, so the losses could not be computed (Detectron2: {error.strip()!r}).\n"
@@ -105,6 +117,15 @@ def diverged_forward_message(model: torch.nn.Module, iteration: int, error: str)
         f"(SOLVER.CLIP_GRADIENTS.ENABLED True, e.g. CLIP_TYPE 'full_model', CLIP_VALUE 1.0); check "
         f"the boxes of the data; then resume from the last checkpoint (--resume)."
     )
+
+
+def _logged_losses() -> dict:
+    """The latest loss terms in the current EventStorage (empty outside training)."""
+    try:
+        latest = get_event_storage().latest()
+    except AssertionError:  # no EventStorage
+        return {}
+    return {k: float(v) for k, (v, _) in latest.items() if k.startswith("loss_") or k == "total_loss"}
 
 
 class _NamedNonFiniteLossMixin:
@@ -117,7 +138,7 @@ class _NamedNonFiniteLossMixin:
         except FloatingPointError as e:
             if _RPN_DIVERGED not in str(e):
                 raise
-            message = diverged_forward_message(self.model, self.iter, str(e))
+            message = diverged_forward_message(self.model, self.iter, str(e), _logged_losses())
             logger.error(message)
             raise FloatingPointError(message) from e
 
@@ -208,6 +229,13 @@ def _with_full_model_clipping(optimizer_type, clip_value: float, norm_type: floa
     return type(optimizer_type.__name__ + "WithFullModelGradientClip", (optimizer_type,), {"step": step})
 
 
+def _thing_classes(dataset_name: str):
+    """The thing_classes of a dataset's metadata, None if it has none (yet)."""
+    if dataset_name not in MetadataCatalog.list():
+        return None
+    return MetadataCatalog.get(dataset_name).get("thing_classes")
+
+
 class ResumableTrainer(DefaultTrainer):
     """DefaultTrainer with safe/atomic checkpoints, exact resume, named non-finite losses and
     CPU-capable DistributedDataParallel (see the module docstring). Use it like
@@ -220,13 +248,19 @@ class ResumableTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
+        check_registered_names(cfg)  # also for configs not made by acm_d2.get_acm_cfg
         check_num_classes(cfg)
+        unchecked = [n for n in cfg.DATASETS.TRAIN if _thing_classes(n) is None]
         # Built in DefaultTrainer's order.
         model = self.build_model(cfg)
         check_distributed_setup(model)
         optimizer = self.build_optimizer(cfg, model)
         self._resume_seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         data_loader = self.build_train_loader(cfg)
+        # Loading the datasets sets the thing_classes of those registered without them
+        # (Detectron2's register_coco_instances(name, {}, ...)): check those now.
+        if unchecked:
+            check_num_classes(cfg, unchecked)
         # The resumable stream of build_train_loader (None if a subclass builds another).
         self._train_sampler = getattr(data_loader, "resumable_sampler", None)
         self._train_dataset = getattr(data_loader, "resumable_dataset", None)
