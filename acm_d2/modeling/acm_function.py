@@ -13,8 +13,9 @@ identities:
 * mu is X pooled with the uniform map, so it comes with K and Q from the same product.
 
 Forward, 2 reads of X for the reductions and 1 read + 1 write for Y:
-  1. the logits [W_1 .. W_M] @ X_g of every group (read X); softmax on (N*G, M, HW);
-  2. [A_1 .. A_M; 1/HW] @ X_g^T gives the raw pooled vectors and mu (read X);
+  1. the logits [W_1 .. W_M; 0] @ X_g of every group (read X); exp(L - max L) in place on
+     (N*G, M+1, HW) (no softmax: the sums divide the pooled vectors instead);
+  2. exp(L - max L) @ X_g^T / sums gives the raw pooled vectors and mu (read X);
   3. Y = P * X + P * d with d = K - Q, K - mu or 0 (one fused multiply-add: read X, write Y);
      Y = X + d without P.
 "PX" reads X once for mu (no maps).
@@ -333,20 +334,21 @@ def _forward(x, kq_weight, w1, b1, w2, b2, groups: int, variant: str, for_backwa
         mu = torch.mean(x, dim=(2, 3), dtype=cd)  # (N, C): one read of X
     else:
         # Pass 1 over X: [W_1 .. W_M; 0] @ X_g, the logits of the M maps of every group and a
-        # row of zeros; its softmax ((M+1) G / C of X) is A_1 .. A_M and the uniform map 1/HW.
+        # row of zeros ((M+1) G / C of X); exp(L - max L) in place gives the maps up to their sums
+        # (the row of zeros: ones, the uniform map up to HW).
         weight = kq_weight.view(groups, m, cg)
         rows = torch.cat([weight, weight.new_zeros(groups, 1, cg)], dim=1)  # (G, M+1, C/G)
         logits = _products(x, rows, None, groups).to(cd)  # (NG, M+1, HW)
-        maps = torch.softmax(logits, dim=-1)
-        if for_backward:  # log sum exp L = max L - log max A (the largest weight is 1 / sum exp(L - max L))
-            log_sum_exp = logits[:, :m].amax(dim=-1, keepdim=True) - maps[:, :m].amax(dim=-1, keepdim=True).log()
-        del logits
-        # Pass 2 over X: [A_1 .. A_M; 1/HW] @ X_g^T gives the raw pooled vectors and mu.
-        pooled = _pool(x, maps, groups, cd)  # (N, G, M+1, C/G)
-        uniform = maps[:1, m, :1] * hw  # (1, 1): 1 up to the rounding of 1/HW
-        del maps
+        peak = logits.amax(dim=-1, keepdim=True)
+        weights = logits.sub_(peak).exp_()
+        total = weights.sum(dim=-1, keepdim=True)  # (NG, M+1, 1)
+        if for_backward:
+            log_sum_exp = (peak + total.log())[:, :m]
+        # Pass 2 over X: exp(L - max L) @ X_g^T, divided by the sums, gives the raw pooled vectors
+        # [A_1 X .. A_M X] and mu.
+        pooled = _pool(x, weights, groups, cd) / total.view(n, groups, m + 1, 1)  # (N, G, M+1, C/G)
+        del logits, weights
         pooled = pooled.transpose(1, 2).reshape(n, m + 1, c)
-        pooled[:, m] /= uniform
         *raw, mu = pooled.unbind(dim=1)
     orthogonality = None
     if m == 2:
@@ -465,7 +467,7 @@ def _backward(ctx, grad_y: Optional[Tensor], grad_orth: Optional[Tensor]) -> Tup
             maps.sub_(log_sum_exp)
         maps.exp_()  # A_1 .. A_M
         # dL = A * (dA - sum_hw A dA), in place in the lower half of `both`.
-        inner = (maps * grad_maps).sum(dim=-1, keepdim=True)  # (NG, M, 1)
+        inner = torch.bmm(maps, grad_maps.transpose(1, 2)).diagonal(dim1=1, dim2=2).unsqueeze(-1)  # (NG, M, 1)
         grad_maps.sub_(inner).mul_(maps)
         # Pass 3 over X: the gradient of the logits' weight.
         grad_weight = _pool(x, grad_maps, groups, cd).sum(dim=0).view(m * groups, cg, 1, 1)
