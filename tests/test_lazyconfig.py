@@ -111,10 +111,11 @@ def test_overrides_like_the_command_line():
     config_file = str(ROOT / "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py")
     cfg = LazyConfig.apply_overrides(
         LazyConfig.load(config_file),
-        ["model.backbone.bottom_up.acm_groups=16", "model.orth_loss_weight=0.5", "model.backbone.bottom_up.acm_stages=[res5]"],
+        ["model.backbone.bottom_up.acm_groups=16", "model.orth_loss_weight=0.5", "model.backbone.bottom_up.acm_stages=[res5]",
+         "model.backbone.bottom_up.acm_variant='X+(K-Q)'"],
     )
     model = instantiate(small(cfg).model)
     modules = acm_modules(model)
     assert list(modules) == ["res5.0", "res5.1", "res5.2"]
-    assert all(m.groups == 16 for m in modules.values())
+    assert all(m.groups == 16 and m.variant == "X+(K-Q)" and m.channel_gate is None for m in modules.values())
     assert model.orth_loss_weight == 0.5

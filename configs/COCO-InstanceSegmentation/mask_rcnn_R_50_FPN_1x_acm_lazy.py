@@ -39,6 +39,7 @@ model.backbone.bottom_up = L(ACMResNet)(
     freeze_at=2,
     acm_stages=None,  # None: every stage not frozen by freeze_at
     acm_groups=32,
+    acm_variant="P(X+(K-Q))",  # the full module; Table 2a: "X+(K-Q)", "P(X+K)", "PX" (quote on the command line)
 )
 
 # GeneralizedRCNN plus "loss_acm_orth" in its training loss dict (same state dict keys), over
