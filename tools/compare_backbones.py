@@ -13,6 +13,7 @@ acm_d2/experiments/comparison.py for what is measured).
 """
 import argparse
 import logging
+import shlex
 import sys
 
 from acm_d2.experiments.comparison import VARIANTS, run_comparison
@@ -37,7 +38,7 @@ def main(argv=None) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    command = "python tools/compare_backbones.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python tools/compare_backbones.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     try:
         result = run_comparison(
             args.config_file, args.output_dir, variants, args.seeds,
