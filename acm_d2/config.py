@@ -74,6 +74,26 @@ def check_registered_names(cfg) -> None:
             raise ValueError(f"{key} {value!r} is not registered; registered names: {sorted(name for name, _ in registry)}")
 
 
+def python_tag_error(config_file: str, error) -> ValueError:
+    """The error for a YAML file that has a Python tag (``error``: yaml's ConstructorError)."""
+    return ValueError(
+        f"{config_file}: the YAML config has a tag that would construct Python objects ({error.problem}); "
+        f"acm-d2 reads configs with yaml.safe_load only. Remove the tag."
+    )
+
+
+def merge_yaml_file(cfg, config_file: str) -> None:
+    """``cfg.merge_from_file`` (Detectron2's, with ``_BASE_`` files) reading YAML with
+    ``yaml.safe_load`` only: a Python tag raises :func:`python_tag_error`, never runs."""
+    import yaml
+    from detectron2.config import CfgNode
+
+    try:
+        CfgNode.merge_from_file(cfg, config_file, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        raise python_tag_error(config_file, e) from e
+
+
 def get_acm_cfg(config_file: str = "", opts: Sequence[str] = ()):
     """Detectron2's config with the ACM keys, merged from a YAML file and ``KEY VALUE`` pairs.
 
@@ -82,18 +102,11 @@ def get_acm_cfg(config_file: str = "", opts: Sequence[str] = ()):
     ``merge_from_file`` falls back to an unsafe loader). The registered names it uses are
     checked (:func:`check_registered_names`).
     """
-    import yaml
-
     cfg = get_cfg()
     add_acm_config(cfg)
     if config_file:
         try:
-            cfg.merge_from_file(config_file, allow_unsafe=False)
-        except yaml.constructor.ConstructorError as e:
-            raise ValueError(
-                f"{config_file}: the YAML config has a tag that would construct Python objects ({e.problem}); "
-                f"acm-d2 reads configs with yaml.safe_load only. Remove the tag."
-            ) from e
+            merge_yaml_file(cfg, config_file)
         except (KeyError, AssertionError) as e:
             _raise_if_unknown_key(cfg, e, f"{config_file}: ")
             raise

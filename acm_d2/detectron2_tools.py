@@ -29,7 +29,7 @@ import detectron2.utils.analysis
 import yaml
 from detectron2.config import CfgNode
 
-from .config import add_acm_config
+from .config import add_acm_config, merge_yaml_file, python_tag_error
 from .modeling.flops import add_acm_flop_handles
 
 __all__ = ["SafeCfgNode", "get_cfg_with_acm", "main"]
@@ -38,22 +38,12 @@ _detectron2_get_cfg = detectron2.config.get_cfg
 _detectron2_lazy_load = detectron2.config.LazyConfig.load
 
 
-def _python_tag_error(config_file: str, error: yaml.constructor.ConstructorError) -> ValueError:
-    return ValueError(
-        f"{config_file}: the YAML config has a tag that would construct Python objects ({error.problem}); "
-        f"acm-d2 reads configs with yaml.safe_load only. Remove the tag."
-    )
-
-
 class SafeCfgNode(CfgNode):
     """Detectron2's CfgNode whose ``merge_from_file`` never runs code: the file and its
     ``_BASE_`` files are read with ``yaml.safe_load`` (``allow_unsafe`` is ignored)."""
 
     def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
-        try:
-            super().merge_from_file(cfg_filename, allow_unsafe=False)
-        except yaml.constructor.ConstructorError as e:
-            raise _python_tag_error(cfg_filename, e) from e
+        merge_yaml_file(self, cfg_filename)
 
 
 def get_cfg_with_acm():
@@ -72,7 +62,7 @@ def _safe_lazy_load(filename: str, keys=None):
             with open(filename) as f:
                 yaml.safe_load(f)
         except yaml.constructor.ConstructorError as e:
-            raise _python_tag_error(filename, e) from e
+            raise python_tag_error(filename, e) from e
     return _detectron2_lazy_load(filename, keys)
 
 

@@ -324,7 +324,6 @@ def _forward(x, kq_weight, w1, b1, w2, b2, groups: int, variant: str, for_backwa
     ``for_backward``)."""
     x = _in_layout(x)
     n, c, h, w = x.shape
-    hw = h * w
     cg = c // groups
     cd = _compute_dtype(x.dtype)
     m = maps_per_group(variant)
