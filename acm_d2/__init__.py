@@ -1,4 +1,6 @@
 """acm-d2: the Attend-and-Compare Module (Kim et al., ECCV 2020, arXiv 2007.07506) for Detectron2."""
+__version__ = "0.1.0"  # the one place of the version (setup.py reads it from here)
+
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without Detectron2
@@ -25,6 +27,7 @@ from .modeling import (
 )
 
 __all__ = [
+    "__version__",
     "ACM",
     "ACMGeneralizedRCNN",
     "ACMOrthLossMixin",

@@ -31,10 +31,9 @@ from train_net_runs import CONFIG, REPO, load_model_weights, read_metrics, tiny_
 # file's top level, so the patched Trainer is theirs too).
 DRIVER = textwrap.dedent(
     """
-    import json, os, sys
-    sys.path.insert(0, {tools!r})
+    import json, os
     import torch
-    import train_net
+    from acm_d2 import train_net
     from detectron2.engine import HookBase
     from detectron2.utils import comm
 
@@ -144,10 +143,9 @@ def test_syncbn_on_cpu_with_several_processes_is_a_clear_error(monkeypatch):
 # with 2 CPU processes (gloo), so all of them must end with the same weights, bit for bit.
 CLUSTER_DRIVER = textwrap.dedent(
     """
-    import json, os, sys, time
-    sys.path.insert(0, {tools!r})
+    import json, os, time
     import torch
-    import train_net
+    from acm_d2 import train_net
     from detectron2.engine import HookBase
     from detectron2.utils import comm
     from acm_d2.engine.preemption import stop_requested
