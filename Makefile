@@ -27,7 +27,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install --quiet "numpy<2" "setuptools<81" fvcore iopath pycocotools \
 		opencv-python-headless Pillow matplotlib termcolor yacs tabulate cloudpickle tqdm \
 		tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black packaging pytest \
-		faster-coco-eval submitit
+		faster-coco-eval submitit simplejpeg
 	@if [ -n "$(DETECTRON2_SPEC)" ]; then \
 		echo "Installing Detectron2 from $(DETECTRON2_SPEC)"; \
 		$(PIP) install --no-build-isolation "$(DETECTRON2_SPEC)"; \

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import math
+import os
 import uuid
 
 import numpy as np
@@ -15,6 +16,12 @@ from pycocotools import mask as mask_utils
 
 from acm_d2.data import CocoFormatError, check_num_classes, register_coco_format_dataset, validate_coco_instances
 from conftest import acm_cfg
+
+
+@pytest.fixture(autouse=True)
+def _image_check_cache(tmp_path, monkeypatch):
+    """Each test its own image-check cache (the decode results of registration)."""
+    monkeypatch.setenv("ACM_D2_CHECK_CACHE", str(tmp_path / "image_checks"))
 
 
 def _name():
@@ -270,7 +277,7 @@ def _jpeg_bytes(width, height, orientation=None):
     "content, words",
     [
         ("truncated png", "is not a whole image"),
-        ("truncated jpeg", "is not a whole image (OSError: image file is truncated"),
+        ("truncated jpeg", "is not a whole image (ValueError: Premature end of JPEG file"),
         (b"<html>404</html>", "is not an image file PIL can read"),
     ],
 )
@@ -378,3 +385,155 @@ def test_no_raw_python_error_on_any_odd_value(tmp_path, dataset):
             validate_coco_instances(json_file, images)
         except CocoFormatError:
             pass
+
+
+# --------------------------------------------- what the model sees: pixels, files, frames
+def _big_dataset(tmp_path, width=200, height=100, bbox=(10, 50, 100, 20), polygon=None):
+    """One image of width x height with one annotation (polygon: the box's corners by default)."""
+    images = tmp_path / "big"
+    images.mkdir(exist_ok=True)
+    _png(images / "a.png", width=width, height=height)
+    x, y, w, h = bbox
+    polygon = polygon or [x, y, x + w, y, x + w, y + h, x, y + h]
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "width": width, "height": height}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": list(bbox), "area": w * h, "iscrowd": 0,
+                         "segmentation": [polygon]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    return images, data
+
+
+def test_images_the_reader_would_clip_are_refused(tmp_path, dataset):
+    _, images, data = dataset
+    ramp = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)  # 0..63000: a 16-bit X-ray export
+    Image.fromarray(ramp).save(images / "a.png")
+    message = _problems(tmp_path, images, data)
+    assert "image id 1 (a.png): the file is a 16-bit image (PIL mode I;16, values 0 to 63000)" in message
+    assert "clips every value above 255 to white" in message and "x 255 / 65535" in message
+    Image.fromarray((ramp // 1000).astype(np.uint16)).save(images / "a.png")  # 16-bit file, 8-bit values: faithful
+    validate_coco_instances(_write(tmp_path / "ok.json", data), images)
+    Image.fromarray(np.random.RandomState(0).rand(8, 8).astype(np.float32)).save(images / "f.tif")
+    data["images"][0]["file_name"] = "f.tif"
+    assert "image id 1 (f.tif): the file is a float image (PIL mode F, values" in _problems(tmp_path, images, data)
+
+
+def _png_with_cut_image_data(path):
+    """A PNG whose IDAT holds half its compressed data, with a valid checksum: PIL's verify()
+    passes it, decoding fails."""
+    import struct
+    import zlib
+
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    raw = path.read_bytes()
+    start = raw.index(b"IDAT") - 4
+    length = struct.unpack(">I", raw[start : start + 4])[0]
+    cut = raw[start + 8 : start + 8 + length // 2]
+    chunk = struct.pack(">I", len(cut)) + b"IDAT" + cut + struct.pack(">I", zlib.crc32(b"IDAT" + cut))
+    path.write_bytes(raw[:start] + chunk + raw[start + 12 + length :])
+
+
+def test_images_that_do_not_decode_in_full_are_refused(tmp_path, dataset):
+    _, images, data = dataset
+    full = _jpeg_bytes(64, 48)
+    (images / "cut.jpg").write_bytes(full[: len(full) // 2] + b"\xff\xd9")  # PIL decodes it as grey rows
+    _png_with_cut_image_data(images / "cut.png")
+    with Image.open(images / "cut.png") as img:
+        img.verify()  # what the earlier check relied on
+    data["images"] = [
+        {"id": 1, "file_name": "cut.jpg", "width": 64, "height": 48},
+        {"id": 2, "file_name": "cut.png", "width": 32, "height": 32},
+    ]
+    data["annotations"] = []
+    message = _problems(tmp_path, images, data)
+    assert "image id 1 (cut.jpg): the file is not a whole image (ValueError: Corrupt JPEG data: premature end of data segment)" in message
+    assert "image id 2 (cut.png): the file is not a whole image (OSError:" in message
+
+
+def test_non_regular_files_and_paths_outside_the_root(tmp_path, dataset):
+    _, images, data = dataset
+    os.mkfifo(images / "fifo.png")  # opening it would block the loader forever
+    _png(tmp_path / "outside.png")
+    (images / "link.png").symlink_to(tmp_path / "outside.png")
+    data["images"] = [
+        {"id": 1, "file_name": "fifo.png", "width": 8, "height": 8},
+        {"id": 2, "file_name": "../outside.png", "width": 8, "height": 8},
+        {"id": 3, "file_name": str(tmp_path / "outside.png"), "width": 8, "height": 8},
+        {"id": 4, "file_name": "link.png", "width": 8, "height": 8},
+    ]
+    data["annotations"] = []
+    message = _problems(tmp_path, images, data)
+    assert "image id 1 (fifo.png): the file is a FIFO, not a regular file" in message
+    for image_id, name in [(2, "../outside.png"), (3, str(tmp_path / "outside.png")), (4, "link.png")]:
+        assert f"image id {image_id} ({name}): the file is outside the image folder {images} (it resolves to {tmp_path / 'outside.png'}" in message
+    assert message.count("DATASETS.COCO_ALLOW_OUTSIDE_ROOT True") == 3
+    data["images"] = data["images"][1:]
+    validate_coco_instances(_write(tmp_path / "allowed.json", data), images, allow_outside_root=True)
+
+
+def test_every_image_is_decoded_once_then_cached(tmp_path, dataset, monkeypatch):
+    import threading
+
+    from acm_d2.data import image_check
+
+    _, images, data = dataset
+    for i in range(2, 7):
+        _png(images / f"{i}.png")
+        data["images"].append({"id": i, "file_name": f"{i}.png", "width": 8, "height": 8})
+    decoded = []
+    real_inspect = image_check.inspect_image
+    monkeypatch.setattr(image_check, "inspect_image", lambda path: decoded.append(path) or real_inspect(path))
+    path = _write(tmp_path / "six.json", data)
+    # two processes (here threads: flock locks are per open file) register the same folder at once
+    threads = [threading.Thread(target=validate_coco_instances, args=(path, images)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(decoded) == 6
+    validate_coco_instances(path, images)
+    assert len(decoded) == 6  # nothing decoded again
+    _png(images / "3.png", width=8, height=6)  # changed file: new size and mtime
+    assert "image id 3 (3.png): the file is 8x6 pixels" in _problems(tmp_path, images, data)
+    assert [os.path.basename(p) for p in decoded[6:]] == ["3.png"]
+
+
+def test_annotations_in_the_wrong_frame_are_refused(tmp_path):
+    images, data = _big_dataset(tmp_path, bbox=(0.1, 0.2, 0.3, 0.4))
+    message = _problems(tmp_path, images, data)
+    assert "annotations: on 1 images of 100 px or more (image ids 1) every bbox and polygon coordinate is within 0..1" in message
+    assert "multiply x and widths by the image width" in message
+
+    x, y, w, h = 10, 50, 100, 20
+    swapped = [y, x, y, x + w, y + h, x + w, y + h, x]
+    images, data = _big_dataset(tmp_path, bbox=(x, y, w, h), polygon=swapped)
+    message = _problems(tmp_path, images, data)
+    assert ("annotation id 1 (image id 1): the segmentation spans x 50 to 70, y 10 to 110, but the bbox spans x 10 to "
+            "110, y 50 to 70 (more than 10 px apart); its x and y are swapped") in message
+    images, data = _big_dataset(tmp_path, bbox=(x, y, w, h), polygon=[x + 3, y, x + w, y + 2, x + w - 4, y + h, x, y + h - 1])
+    validate_coco_instances(_write(tmp_path / "close.json", data), images)  # within 10% of the box: accepted
+
+
+def test_duplicate_category_names_are_refused(tmp_path, dataset):
+    _, images, data = dataset
+    data["categories"].append({"id": 2, "name": "thing"})
+    assert 'category ids 1, 2: share the name "thing"; names must be unique' in _problems(tmp_path, images, data)
+
+
+def test_train_and_test_categories_are_compared_by_id_and_name(tmp_path, dataset):
+    from acm_d2.data import check_same_categories
+
+    _, images, data = dataset
+    data["categories"] = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+    train = register_coco_format_dataset(_name(), _write(tmp_path / "train.json", data), images)
+    same = register_coco_format_dataset(_name(), _write(tmp_path / "same.json", data), images)
+    data["categories"] = [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]  # the same names, other ids
+    swapped = register_coco_format_dataset(_name(), _write(tmp_path / "swapped.json", data), images)
+    cfg = acm_cfg()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (train,), (same,)
+    check_same_categories(cfg)
+    cfg.DATASETS.TEST = (same, swapped)
+    with pytest.raises(ValueError) as info:
+        check_same_categories(cfg)
+    assert (f"'{train}' (DATASETS.TRAIN, 2 categories) and '{swapped}' (DATASETS.TEST, 2) differ in 2 classes "
+            f"(class 0: id 1 'cat' vs id 1 'dog'; class 1: id 2 'dog' vs id 2 'cat')") in str(info.value)

@@ -10,7 +10,7 @@ What :func:`validate_coco_instances` checks:
 
 * the JSON: an object with lists ``images``, ``annotations`` and a non-empty ``categories``;
   every record an object with integer ``id`` (unique per list);
-* categories: a non-empty string ``name``;
+* categories: a non-empty string ``name``, unique (COCO evaluation reports AP by name);
 * images: a non-empty string ``file_name``, positive integer ``width`` and ``height``;
 * annotations: ``image_id`` and ``category_id`` that exist; ``bbox`` four finite numbers
   ``[x, y, width, height]`` with width, height > 0, inside the image (up to
@@ -19,31 +19,40 @@ What :func:`validate_coco_instances` checks:
   finite coordinates inside the image) or an RLE (``size`` the image's ``[height, width]``,
   ``counts`` that add up to height * width); if some annotations have masks, every
   non-crowd annotation must have one (Detectron2 fails on batches that mix them);
-* the image files (``check_images``): each exists and is a whole image (header read, PNG
-  checksums verified, JPEG decoded at 1/8 scale: cheap) of the size the JSON says, after the
-  EXIF rotation Detectron2 applies.
+* coordinates in the pixel frame: a polygon's extent agrees with its bbox (within
+  :data:`POLYGON_BOX_TOLERANCE` of the box's size, at least 2 px; swapped x and y are named
+  as such), and images of :data:`NORMALISED_MIN_SIZE` px or more whose every coordinate lies
+  within 0..1 (normalised coordinates) are refused;
+* the image files (``check_images``), by :func:`acm_d2.data.image_check.check_image_files`:
+  inside the image folder (unless ``allow_outside_root``), regular files, decoded in full
+  once (the result cached by path, size and mtime), with pixels that Detectron2's reader does
+  not clip (no 16-bit, 32-bit or float images), of the size the JSON says after the EXIF
+  rotation Detectron2 applies.
 
 :func:`check_num_classes` compares ``MODEL.ROI_HEADS.NUM_CLASSES`` (or
-``MODEL.RETINANET.NUM_CLASSES``) with the categories of the training datasets;
-:class:`acm_d2.engine.ResumableTrainer` calls it before it builds the model.
+``MODEL.RETINANET.NUM_CLASSES``) with the categories of the training datasets, and
+:func:`check_same_categories` the categories (ids and names, in class order) of the training
+and test datasets; :class:`acm_d2.engine.ResumableTrainer` calls both before it builds the model.
 """
+import itertools
 import json
 import logging
 import math
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from PIL import Image, UnidentifiedImageError
+
+from .image_check import MISSING, check_image_files
 
 __all__ = [
     "BOX_TOLERANCE",
     "CocoFormatError",
     "check_num_classes",
+    "check_same_categories",
     "register_coco_format_dataset",
     "validate_coco_instances",
 ]
@@ -55,8 +64,10 @@ _SHOW = 5  # how many offending values to quote in a one-line message
 _SHOW_PROBLEMS = 10  # how many problem lines a CocoFormatError lists
 #: Pixels by which a box or polygon may leave its image (rounding in annotation tools).
 BOX_TOLERANCE = 1.0
-# EXIF orientations that swap width and height (Detectron2's read_image applies them).
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+#: How far (a fraction of the box's larger side, at least 2 px) a polygon's extent may be from its bbox.
+POLYGON_BOX_TOLERANCE = 0.1
+#: Images at least this large (px, the larger side) whose annotations all lie within 0..1 are refused.
+NORMALISED_MIN_SIZE = 100
 
 
 class CocoFormatError(ValueError):
@@ -177,10 +188,20 @@ def _records_with_ids(key: str, records: list, problems: _Problems) -> Dict[int,
 
 
 def _check_categories(categories: Dict[int, dict], problems: _Problems) -> None:
+    ids_by_name: Dict[str, List[int]] = {}
     for cat_id, cat in categories.items():
         name = cat.get("name")
         if not isinstance(name, str) or not name:
             problems.add("category without name", f"category id {cat_id}", f"'name' is {_short(name) if 'name' in cat else 'missing'}; expected a non-empty string")
+        else:
+            ids_by_name.setdefault(name, []).append(cat_id)
+    for name, ids in ids_by_name.items():
+        if len(ids) > 1:
+            problems.add(
+                "duplicate category name", f"category ids {', '.join(map(str, sorted(ids)))}",
+                f"share the name {_short(name)}; names must be unique (COCO evaluation reports AP by name, so one "
+                f"of them would be lost): rename one, or merge them into one id",
+            )
 
 
 def _check_images(images: Dict[int, dict], problems: _Problems) -> None:
@@ -308,6 +329,71 @@ def _check_segmentation(segm, size, problems: _Problems, where: str) -> bool:
     return True
 
 
+def _valid_box(bbox) -> Optional[Tuple[float, float, float, float]]:
+    """(x0, y0, x1, y1) of a bbox that passed the checks (four finite numbers, w, h > 0), else None."""
+    if isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox) and _all_finite(bbox):
+        x, y, w, h = bbox
+        if w > 0 and h > 0:
+            return x, y, x + w, y + h
+    return None
+
+
+def _polygon_extent(segm) -> Optional[Tuple[float, float, float, float]]:
+    """(x0, y0, x1, y1) around all polygons of a polygon segmentation that passed the checks, else None."""
+    if not isinstance(segm, list) or not segm:
+        return None
+    xs, ys = [], []
+    for polygon in segm:
+        if not (isinstance(polygon, list) and set(map(type, polygon)) <= _NUMBER_TYPES and len(polygon) >= 6
+                and not len(polygon) % 2 and _all_finite(polygon)):
+            return None
+        xs += polygon[0::2]
+        ys += polygon[1::2]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _extent_tolerance(box) -> float:
+    """How far a polygon's extent may be from its bbox: :data:`POLYGON_BOX_TOLERANCE` of the
+    box's larger side, at least 2 x :data:`BOX_TOLERANCE` pixels."""
+    return max(2 * BOX_TOLERANCE, POLYGON_BOX_TOLERANCE * max(box[2] - box[0], box[3] - box[1]))
+
+
+def _check_polygon_fits_box(segm, box, problems: _Problems, where: str) -> None:
+    extent = _polygon_extent(segm)
+    if extent is None or box is None:
+        return
+    t = _extent_tolerance(box)
+    if max(abs(a - b) for a, b in zip(extent, box)) <= t:
+        return
+    swapped = (extent[1], extent[0], extent[3], extent[2])
+    hint = (
+        "its x and y are swapped: COCO polygons are [x1, y1, x2, y2, ...]"
+        if max(abs(a - b) for a, b in zip(swapped, box)) <= t
+        else "the bbox should be the polygons' extent [min x, min y, max x - min x, max y - min y]"
+    )
+    problems.add(
+        "polygon disagrees with its bbox", where,
+        f"the segmentation spans x {extent[0]:g} to {extent[2]:g}, y {extent[1]:g} to {extent[3]:g}, but the bbox "
+        f"spans x {box[0]:g} to {box[2]:g}, y {box[1]:g} to {box[3]:g} (more than {t:g} px apart); {hint}",
+    )
+
+
+def _check_pixel_frame(largest: Dict[int, float], images: Dict[int, dict], problems: _Problems) -> None:
+    """Refuse images of at least :data:`NORMALISED_MIN_SIZE` px whose every annotation lies within 0..1."""
+    normalised = []
+    for image_id, high in largest.items():
+        size = _image_size(images.get(image_id, {}))
+        if size is not None and max(size) >= NORMALISED_MIN_SIZE and high <= 1.0:
+            normalised.append(image_id)
+    if normalised:
+        problems.add(
+            "normalised coordinates", "annotations",
+            f"on {len(normalised)} images of {NORMALISED_MIN_SIZE} px or more (image ids {_quote(normalised)}) every "
+            f"bbox and polygon coordinate is within 0..1: these look like coordinates normalised to the image "
+            f"size, but COCO uses pixels; multiply x and widths by the image width, y and heights by its height",
+        )
+
+
 def _check_annotations(
     annotations: Dict[int, dict], images: Dict[int, dict], category_ids: Iterable[int], problems: _Problems
 ) -> None:
@@ -315,6 +401,7 @@ def _check_annotations(
     sizes = {image_id: _image_size(img) for image_id, img in images.items()}
     orphan, unknown = {}, {}
     with_mask, without_mask = [], []
+    largest: Dict[int, float] = {}  # image id -> largest coordinate of its boxes and polygons
     for ann_id, ann in annotations.items():
         image_id = ann.get("image_id")
         where = f"annotation id {ann_id} (image id {_short(image_id)})"
@@ -334,8 +421,16 @@ def _check_annotations(
         if not (_is_number(area) and _all_finite([area]) and area >= 0):
             problems.add("bad area", where, f"'area' is {_short(area) if 'area' in ann else 'missing'}; expected the object's area in pixels, a number >= 0 (COCO evaluation needs it; width * height of the box will do)")
         has_mask = "segmentation" in ann and _check_segmentation(ann["segmentation"], size, problems, where)
+        box = _valid_box(ann.get("bbox"))
+        if has_mask:
+            _check_polygon_fits_box(ann["segmentation"], box, problems, where)
+        if box is not None and _is_int(image_id):
+            extent = _polygon_extent(ann.get("segmentation"))
+            high = max(map(abs, box + (extent or ())))
+            largest[image_id] = max(largest.get(image_id, 0.0), high)
         if crowd != 1:
             (with_mask if has_mask else without_mask).append(ann_id)
+    _check_pixel_frame(largest, images, problems)
     if orphan:
         problems.add(
             "unknown image id", "annotations",
@@ -357,50 +452,10 @@ def _check_annotations(
         )
 
 
-def _ends_with_jpeg_eoi(path: Path) -> bool:
-    """Whether the file ends with JPEG's end-of-image marker (FF D9), padding aside."""
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - 64))
-        return f.read().rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-
-
-def _read_image_size(path: Path):
-    """(width, height) as Detectron2's read_image sees it (after the EXIF rotation), or a
-    string saying why the file is not a whole image. Reads the header; checks PNG checksums
-    without decompressing; a JPEG that does not end with its end-of-image marker is decoded at
-    1/8 scale (truncated files fail there); other formats are decoded."""
-    try:
-        with Image.open(path) as img:
-            width, height, png = img.size[0], img.size[1], img.format == "PNG"
-            try:
-                orientation = img.getexif().get(0x0112)
-            except Exception:  # noqa: BLE001 - a broken EXIF block: Detectron2 ignores it too
-                orientation = None
-            if img.format == "JPEG" and not _ends_with_jpeg_eoi(path):  # else whole: no decoding
-                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                img.load()  # raises if truncated; a file with trailing bytes after its end passes
-            elif not png and img.format != "JPEG":
-                img.load()
-        if png:
-            with Image.open(path) as img:  # verify() must come right after open
-                img.verify()
-    except FileNotFoundError:
-        return "missing"
-    except UnidentifiedImageError:
-        return "is not an image file PIL can read"
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt, unreadable: say which
-        return f"is not a whole image ({type(e).__name__}: {e})"
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
-    return width, height
-
-
-def _check_image_files(image_root: Path, images: Dict[int, dict], problems: _Problems) -> None:
+def _check_image_files(image_root: Path, images: Dict[int, dict], problems: _Problems, allow_outside_root: bool) -> None:
     named = {i: img["file_name"] for i, img in images.items() if isinstance(img.get("file_name"), str) and img["file_name"]}
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = dict(zip(named, pool.map(lambda name: _read_image_size(image_root / name), named.values())))
-    absent = [named[i] for i, r in results.items() if r == "missing"]
+    results = check_image_files(image_root, named, allow_outside_root=allow_outside_root)
+    absent = [named[i] for i, r in results.items() if r == MISSING]
     if absent:
         problems.add(
             "missing image file", "images",
@@ -408,7 +463,7 @@ def _check_image_files(image_root: Path, images: Dict[int, dict], problems: _Pro
         )
     for image_id, result in results.items():
         where = f"image id {image_id} ({named[image_id]})"
-        if result == "missing":
+        if result == MISSING:
             continue
         if isinstance(result, str):
             problems.add("unreadable image", where, f"the file {result}; replace it, or remove the image and its annotations")
@@ -424,12 +479,14 @@ def _check_image_files(image_root: Path, images: Dict[int, dict], problems: _Pro
 
 
 def validate_coco_instances(
-    json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], check_images: bool = True
+    json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], check_images: bool = True,
+    allow_outside_root: bool = False,
 ) -> dict:
     """Check ``json_file`` and ``image_root`` of a COCO instances dataset; return the JSON.
 
     See the module docstring for what is checked. ``check_images=False`` skips opening the
-    image files (then only their existence is checked).
+    image files (then only their existence is checked). ``allow_outside_root``: accept image
+    files that resolve to a path outside ``image_root`` (absolute names, ``..``, symlinks).
 
     Raises:
         FileNotFoundError: the JSON file or the image folder does not exist.
@@ -452,7 +509,7 @@ def validate_coco_instances(
     _check_images(images, problems)
     _check_annotations(annotations, images, categories, problems)
     if check_images:
-        _check_image_files(image_root, images, problems)
+        _check_image_files(image_root, images, problems, allow_outside_root)
     else:
         absent = [img["file_name"] for img in images.values() if isinstance(img.get("file_name"), str) and not (image_root / img["file_name"]).is_file()]
         if absent:
@@ -462,14 +519,16 @@ def validate_coco_instances(
 
 
 def register_coco_format_dataset(
-    name: str, json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], check_images: bool = True
+    name: str, json_file: Union[str, os.PathLike], image_root: Union[str, os.PathLike], check_images: bool = True,
+    allow_outside_root: bool = False,
 ) -> str:
     """Validate a COCO instances dataset, then register it with Detectron2 under ``name``.
 
     Calls :func:`validate_coco_instances` (see there for the errors), then Detectron2's
     ``register_coco_instances`` with ``thing_classes`` (the category names in id order, as
     Detectron2's loader orders them) in the metadata, so :func:`check_num_classes` works
-    without loading the dataset. The dataset is then usable in ``DATASETS.TRAIN/TEST`` and by
+    without loading the dataset, and ``thing_dataset_id_to_contiguous_id`` (as Detectron2's
+    loader sets it), so :func:`check_same_categories` compares ids and names. The dataset is then usable in ``DATASETS.TRAIN/TEST`` and by
     ``COCOEvaluator``. Registering the same (name, json_file, image_root) again does
     nothing; registering a name that is already taken by another dataset raises
     ``ValueError``. Returns ``name``.
@@ -491,13 +550,17 @@ def register_coco_format_dataset(
             f"dataset name '{name}' is already registered to json_file={old_json}, image_root={old_root}; "
             f"cannot register it again to json_file={json_abs}, image_root={root_abs}. Choose another name."
         )
-    data = validate_coco_instances(json_abs, root_abs, check_images=check_images)
+    data = validate_coco_instances(json_abs, root_abs, check_images=check_images, allow_outside_root=allow_outside_root)
     logger.info(
         "Registering COCO-format dataset '%s': %s (%d images, %d annotations, %d categories), images in %s",
         name, json_abs, len(data["images"]), len(data["annotations"]), len(data["categories"]), root_abs,
     )
-    thing_classes = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
-    register_coco_instances(name, {"thing_classes": thing_classes}, json_abs, root_abs)
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    metadata = {
+        "thing_classes": [c["name"] for c in categories],
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
+    }
+    register_coco_instances(name, metadata, json_abs, root_abs)
     return name
 
 
@@ -553,4 +616,67 @@ def check_num_classes(cfg, dataset_names: Optional[Sequence[str]] = None) -> Non
         logger.warning(
             "%s=%d, but %s %s have at most %d categories (%s): %d classes of the model are never trained",
             key, value, setting, names, largest, described, value - largest,
+        )
+
+
+def _categories_of(name: str) -> Optional[List[Tuple[Optional[int], str]]]:
+    """[(dataset id or None, name)] in the model's class order, from the metadata; None if unknown."""
+    if name not in MetadataCatalog.list():
+        return None
+    meta = MetadataCatalog.get(name)
+    classes = meta.get("thing_classes")
+    if classes is None:
+        return None
+    id_map = meta.get("thing_dataset_id_to_contiguous_id")
+    ids: List[Optional[int]] = [None] * len(classes)
+    if id_map:
+        for dataset_id, index in id_map.items():
+            if 0 <= index < len(ids):
+                ids[index] = dataset_id
+    return list(zip(ids, classes))
+
+
+def check_same_categories(cfg, dataset_names: Optional[Sequence[str]] = None) -> None:
+    """Check that the datasets of one run (default ``DATASETS.TRAIN`` + ``DATASETS.TEST``) have
+    the same categories, by id and name, in the same class order.
+
+    The model predicts class indices; a test set whose categories are the training set's in
+    another order (or with other ids) is evaluated against the wrong names, and only the
+    number of classes would be compared otherwise. Datasets whose metadata has no
+    ``thing_classes`` yet are skipped (checked again once they are loaded).
+
+    Raises:
+        ValueError: naming both datasets, their settings (DATASETS.TRAIN / DATASETS.TEST) and
+            the first differing classes.
+    """
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if dataset_names is None else list(dataset_names)
+    setting = {n: "DATASETS.TRAIN" for n in cfg.DATASETS.TRAIN}
+    for n in cfg.DATASETS.TEST:
+        setting.setdefault(n, "DATASETS.TEST")
+    known = [(n, c) for n, c in ((n, _categories_of(n)) for n in dict.fromkeys(names)) if c is not None]
+    if len(known) < 2:
+        return
+    first, reference = known[0]
+    for other, categories in known[1:]:
+        with_ids = all(i is not None for i, _ in reference + categories)
+        a = reference if with_ids else [(None, n) for _, n in reference]
+        b = categories if with_ids else [(None, n) for _, n in categories]
+        if a == b:
+            continue
+
+        def show(entry):
+            return f"id {entry[0]} {entry[1]!r}" if entry[0] is not None else repr(entry[1])
+
+        differences = [
+            f"class {k}: {show(x) if x else 'none'} vs {show(y) if y else 'none'}"
+            for k, (x, y) in enumerate(itertools.zip_longest(a, b))
+            if x != y
+        ]
+        raise ValueError(
+            f"The datasets of this run have different categories: '{first}' ({setting.get(first, 'dataset')}, "
+            f"{len(reference)} categories) and '{other}' ({setting.get(other, 'dataset')}, {len(categories)}) differ "
+            f"in {len(differences)} classes ({'; '.join(differences[:_SHOW])}"
+            f"{'; ...' if len(differences) > _SHOW else ''}). The model's class k would be evaluated or trained "
+            f"as another category. Give both JSON files the same 'categories' (same ids and names), or use "
+            f"datasets that share them."
         )
