@@ -9,8 +9,8 @@ the layout of their standalone module (``add_mod`` is K, ``sub_mod`` is Q, ``mul
     <block>.module.mul_mod.feature_gen.2.{weight,bias}    (C, C/(2G), 1, 1), (C,)
 
 with ``<block>`` e.g. ``backbone.bottom_up.res3.0``. :class:`acm_d2.ACM` keeps the same
-numbers as ``<block>.acm.kq_logits.weight`` (K and Q interleaved per group: output channels
-[K_0, Q_0, K_1, Q_1, ...]) and ``<block>.acm.channel_gate.{0,2}.*``; the biases of the K and
+numbers as ``<block>.context.kq_logits.weight`` (K and Q interleaved per group: output channels
+[K_0, Q_0, K_1, Q_1, ...]) and ``<block>.context.channel_gate.{0,2}.*``; the biases of the K and
 Q maps are dropped (softmax is shift-invariant, so they change nothing). Every other key is
 Detectron2's and is the same in both layouts.
 
@@ -30,6 +30,7 @@ import torch
 
 __all__ = [
     "AUTHORS_ACM_SUFFIXES",
+    "BLOCK_CONTEXT_CHILD",
     "CheckpointConversionError",
     "ConversionReport",
     "compare_with_model",
@@ -56,14 +57,22 @@ AUTHORS_ACM_SUFFIXES = (
 _AUTHORS_KEY = re.compile(r"^(?P<block>(?:.*\.)?)module\.(?P<suffix>(?:add_mod|sub_mod|mul_mod)\..*)$")
 
 
+#: acm-d2's name of the context module a block hosts on its residual branch (the ACM of the
+#: authors' layout); acm-d2 before 0.3 named it ``acm`` (or ``se`` for SE).
+BLOCK_CONTEXT_CHILD = "context"
+# Child names of a block's module in earlier layouts: the authors' fork, acm-d2 < 0.3.
+_EARLIER_CHILDREN = ("module.", "acm.", "se.")
+
+
 def rename_authors_block_keys(state_dict: MutableMapping[str, torch.Tensor], prefix: str) -> None:
-    """In place: ``<prefix>module.{add,sub,mul}_mod.*`` -> ``<prefix>acm.{add,sub,mul}_mod.*``
-    (the authors' child name of the module in a block -> acm-d2's); the module itself then
-    converts the rest (:func:`convert_acm_keys`)."""
-    for key in [k for k in state_dict if k.startswith(prefix + "module.")]:
-        suffix = key[len(prefix) + len("module."):]
-        if suffix.split(".", 1)[0] in ("add_mod", "sub_mod", "mul_mod"):
-            state_dict[f"{prefix}acm.{suffix}"] = state_dict.pop(key)
+    """In place, for the block at ``prefix``: the keys of its module in earlier layouts ->
+    ``<prefix>context.*``: the authors' ``<prefix>module.{add,sub,mul}_mod.*`` and acm-d2's
+    (before 0.3) ``<prefix>acm.*`` and ``<prefix>se.*``. The module itself then converts the
+    rest (:func:`convert_acm_keys`)."""
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + c for c in _EARLIER_CHILDREN))]:
+        child, suffix = key[len(prefix):].split(".", 1)
+        if child != "module" or suffix.split(".", 1)[0] in ("add_mod", "sub_mod", "mul_mod"):
+            state_dict[f"{prefix}{BLOCK_CONTEXT_CHILD}.{suffix}"] = state_dict.pop(key)
 
 
 def convert_acm_keys(state_dict: MutableMapping[str, torch.Tensor], prefix: str) -> None:
@@ -162,7 +171,7 @@ def convert_official_state_dict(
 ) -> Tuple["OrderedDict[str, torch.Tensor]", ConversionReport]:
     """A whole state dict in the authors' layout -> acm-d2's, without a model.
 
-    ``<block>.module.{add_mod,sub_mod,mul_mod}.*`` becomes ``<block>.acm.{kq_logits,
+    ``<block>.module.{add_mod,sub_mod,mul_mod}.*`` becomes ``<block>.context.{kq_logits,
     channel_gate}.*`` in the place of the module's first key; every other key is copied
     unchanged, in order.
 
@@ -196,8 +205,9 @@ def convert_official_state_dict(
         if problems or any(s not in AUTHORS_ACM_SUFFIXES for s in tensors):
             report.problems.extend(problems)
             continue
-        module_state = {f"{block}acm.{suffix}": tensor for suffix, tensor in tensors.items()}
-        convert_acm_keys(module_state, f"{block}acm.")
+        child = f"{block}{BLOCK_CONTEXT_CHILD}."
+        module_state = {f"{child}{suffix}": tensor for suffix, tensor in tensors.items()}
+        convert_acm_keys(module_state, child)
         converted[block] = module_state
         report.converted[name] = (tensors["add_mod.map_gen.0.weight"].shape[0] * tensors["add_mod.map_gen.0.weight"].shape[1],
                                   tensors["add_mod.map_gen.0.weight"].shape[0])
@@ -218,12 +228,12 @@ def convert_official_state_dict(
 
 
 def to_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """The inverse of :func:`convert_official_state_dict`: ``<block>.acm.*`` -> the authors'
+    """The inverse of :func:`convert_official_state_dict`: ``<block>.context.*`` -> the authors'
     ``<block>.module.{add_mod,sub_mod,mul_mod}.*``, with zero biases for the K and Q maps.
     Only the full module ("P(X+(K-Q))") has an authors' layout. Other keys are unchanged."""
     result: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for key, value in state_dict.items():
-        head, sep, suffix = f".{key}".rpartition(".acm.")
+        head, sep, suffix = f".{key}".rpartition(f".{BLOCK_CONTEXT_CHILD}.")
         block = f"{head[1:]}." if head else ""
         if not sep:
             result[key] = value
@@ -251,8 +261,8 @@ def compare_with_model(state_dict: Mapping[str, torch.Tensor], model: torch.nn.M
         for k in state_dict
         if k in expected and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
-    missing_acm = [k for k in missing if ".acm." in k]
-    unexpected_acm = [k for k in unexpected if ".acm." in k]
+    missing_acm = [k for k in missing if f".{BLOCK_CONTEXT_CHILD}." in k]
+    unexpected_acm = [k for k in unexpected if f".{BLOCK_CONTEXT_CHILD}." in k]
     lines = [
         f"Checked against the config's model: {len(expected)} keys; {len(missing)} missing from the file "
         f"({len(missing_acm)} of them ACM), {len(unexpected)} not in the model ({len(unexpected_acm)} ACM), "

@@ -22,9 +22,12 @@ logger = logging.getLogger(__name__)
 def add_acm_config(cfg) -> None:
     """Add MODEL.ACM and DATASETS.COCO_INSTANCES to a Detectron2 config (in place)."""
     cfg.MODEL.ACM = CN()
-    # The module each block of the chosen stages hosts, after its last conv + norm and before
-    # the shortcut add: "ACM" (default), "SE" (squeeze-and-excitation, the paper's peer) or
-    # "none" (the plain ResNet through the same code, for comparisons).
+    # The context module of the backbone, a name of acm_d2.modeling.CONTEXT_MODULE_REGISTRY:
+    # "ACM" (default), its peers "SE" (squeeze-and-excitation), "NL" (non-local), "CC"
+    # (criss-cross attention), "GC" (global context), "CBAM", a module you registered, or
+    # "none" (the plain ResNet through the same code, for comparisons). ACM, SE, GC and CBAM
+    # go on the residual branch of every block of STAGES (after the last conv + norm, before
+    # the shortcut add); NL and CC after the blocks of AFTER_BLOCKS (after the add and ReLU).
     cfg.MODEL.ACM.MODULE = "ACM"
     # Which ACM (the paper's Table 2a): "P(X+(K-Q))" (the full module, default), "X+(K-Q)"
     # (no channel re-calibration P), "P(X+K)" (no Q) or "PX" (P only). The last two have no
@@ -33,10 +36,17 @@ def add_acm_config(cfg) -> None:
     # G: channel groups of every ACM; each group has its own K and Q attention map. Must divide
     # half the channels of every stage that gets ACM (all stages of R-50: 1..128). Paper: 32.
     cfg.MODEL.ACM.GROUPS = 32
-    # Stages that get a module, from "res2", "res3", "res4", "res5", each at most once. Empty
-    # (default): every stage not frozen by MODEL.BACKBONE.FREEZE_AT, as the authors did
-    # (res3-res5 for FREEZE_AT=2: 13 modules in R-50). Naming a frozen stage is an error.
+    # For modules on the residual branch (ACM, SE, GC, CBAM): the stages whose every block gets
+    # one, from "res2", "res3", "res4", "res5", each at most once. Empty (default): every stage
+    # not frozen by MODEL.BACKBONE.FREEZE_AT, as the authors did (res3-res5 for FREEZE_AT=2: 13
+    # modules in R-50). Naming a frozen stage is an error; NL and CC refuse it (AFTER_BLOCKS).
     cfg.MODEL.ACM.STAGES = []
+    # For modules after whole blocks (NL, CC): the blocks they follow, each "resS.i" (block i of
+    # stage S, negative i counting from the end) or "resS" (every block of S). Empty (default):
+    # ["res4.-2"], one unit right before the last block of res4, the Mask R-CNN setting of the
+    # non-local and CCNet papers. Blocks of frozen stages are refused; ACM, SE, GC and CBAM
+    # refuse this key (STAGES).
+    cfg.MODEL.ACM.AFTER_BLOCKS = []
     # lambda of the orthogonality loss "loss_acm_orth" = lambda * |mean over the batch of the
     # sum over the chosen modules of (K.Q)/C|; a finite number >= 0, 0 turns it off. Paper:
     # 0.1. The ACM meta-architectures (ACMGeneralizedRCNN, ACMRetinaNet, ACMPanopticFPN) add it.
@@ -45,8 +55,27 @@ def add_acm_config(cfg) -> None:
     # all modules) or "res5" (the authors' Detectron2 code, with which the paper's COCO models
     # were trained: only the 3 modules of res5; the COCO configs use it). FPN models only.
     cfg.MODEL.ACM.ORTH_LOSS_MODULES = "all"
-    # Reduction ratio of the SE modules when MODULE is "SE".
+    # SE: the reduction ratio r of its hidden layer (C -> C/r -> C), an integer in [1, C]. Paper: 16.
     cfg.MODEL.ACM.SE_REDUCTION = 16
+    # NL: C / C', the ratio of the block's width to its inner width (theta, phi, g), an integer
+    # in [1, C]. Paper: 2.
+    cfg.MODEL.ACM.NL_REDUCTION = 2
+    # NL: the norm after its output conv W_z, whose gamma starts at 0: "" (none: the conv
+    # itself starts at 0; default, for frozen-BN backbones), "BN", "SyncBN", "GN", ...
+    cfg.MODEL.ACM.NL_NORM = ""
+    # CC: C / C', the width ratio of its query and key convs, an integer in [1, C]. Paper: 8.
+    cfg.MODEL.ACM.CC_REDUCTION = 8
+    # CC: R, how many times the criss-cross attention runs, with shared weights; >= 1. Paper: 2.
+    cfg.MODEL.ACM.CC_RECURRENCE = 2
+    # GC: the bottleneck ratio of its transform (C -> ratio * C -> C), in (0, 1]. The paper's
+    # COCO models: 0.25 (default) and 0.0625 (1/16).
+    cfg.MODEL.ACM.GC_RATIO = 0.25
+    # CBAM: the reduction ratio of its channel MLP, an integer in [1, C]. Paper: 16.
+    cfg.MODEL.ACM.CBAM_REDUCTION = 16
+    # CBAM: the kernel size of its spatial-attention conv, odd. Paper: 7.
+    cfg.MODEL.ACM.CBAM_KERNEL_SIZE = 7
+    # CBAM: the norm after that conv: "BN" (the reference code), "" (none), "SyncBN", ...
+    cfg.MODEL.ACM.CBAM_NORM = "BN"
 
     # Users' COCO-format datasets that tools/train_net.py registers before training, in every
     # process: a list of [name, json_file, image_root] triples; the names can then be used
@@ -88,6 +117,9 @@ def merge_yaml_file(cfg, config_file: str) -> None:
     import yaml
     from detectron2.config import CfgNode
 
+    from .model_zoo import resolve_config_file
+
+    config_file = resolve_config_file(config_file)  # acm_d2://NAME: a config of the package
     try:
         CfgNode.merge_from_file(cfg, config_file, allow_unsafe=False)
     except yaml.constructor.ConstructorError as e:
@@ -177,8 +209,10 @@ def build_model_from_config_file(config_file: str, opts: Sequence[str] = (), dev
     from detectron2.config import LazyConfig, instantiate
     from detectron2.modeling import build_model
 
+    from .model_zoo import resolve_config_file
+
     if _is_lazy(config_file):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(resolve_config_file(config_file)), list(opts))
         return instantiate(cfg.model).to(device or cfg.train.get("device", "cpu"))
     cfg = get_acm_cfg(config_file, list(opts) + (["MODEL.DEVICE", device] if device else []))
     return build_model(cfg)
@@ -193,9 +227,10 @@ def load_model_for_inference(config_file: str, opts: Sequence[str] = (), device:
     from detectron2.data import transforms as T
 
     from .engine.checkpointer import SafeCheckpointer
+    from .model_zoo import resolve_config_file
 
     if _is_lazy(config_file):
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(resolve_config_file(config_file)), list(opts))
         train = cfg.get("train", {})
         wanted, weights = device or train.get("device", "cpu"), train.get("init_checkpoint", "")
         augmentation, datasets = None, []

@@ -10,7 +10,7 @@ from detectron2.modeling import build_backbone
 
 from acm_d2 import ACM, ACMRecorder, SqueezeExcitation
 from acm_d2.modeling.blocks import ContextBottleneckBlock
-from acm_d2.modeling.resnet import ACMResNet
+from acm_d2.modeling.resnet import ContextResNet
 from conftest import acm_cfg
 
 SMALL_RESNET = ["MODEL.RESNETS.NORM", "BN", "MODEL.FPN.OUT_CHANNELS", "32"]
@@ -22,7 +22,7 @@ def build(*opts, backbone="build_resnet_fpn_acm_backbone"):
 
 
 def acm_blocks(module):
-    return sorted(name.rsplit(".acm", 1)[0] for name, m in module.named_modules() if isinstance(m, ACM))
+    return sorted(name.rsplit(".context", 1)[0] for name, m in module.named_modules() if isinstance(m, ACM))
 
 
 @pytest.mark.parametrize(
@@ -52,14 +52,14 @@ def test_placement_after_last_conv_norm_before_shortcut():
     torch.manual_seed(0)
     backbone = build("MODEL.RESNETS.DEPTH", "50", "MODEL.ACM.STAGES", "['res3']").eval()
     block = backbone.bottom_up.res3[1]
-    assert isinstance(block, ContextBottleneckBlock) and block.se is None
+    assert isinstance(block, ContextBottleneckBlock) and block.context_after is None
     x = torch.randn(1, 512, 8, 8)
     with torch.no_grad(), ACMRecorder() as recorder:
         out = block(x)
     with torch.no_grad():
         conv3_out = block.conv3(torch.relu(block.conv2(torch.relu(block.conv1(x)))))  # conv + norm
-        expected = torch.relu(block.acm(conv3_out) + x)
-    assert len(recorder.calls) == 1 and recorder.calls[0].module is block.acm
+        expected = torch.relu(block.context(conv3_out) + x)
+    assert len(recorder.calls) == 1 and recorder.calls[0].module is block.context
     torch.testing.assert_close(recorder.calls[0].input, conv3_out)
     torch.testing.assert_close(out, expected)
 
@@ -73,7 +73,7 @@ def test_acm_survives_replacing_conv3():
     block.conv3 = fused
     with torch.no_grad(), ACMRecorder() as recorder:
         block(torch.randn(1, 256, 8, 8))
-    assert [c.module for c in recorder.calls] == [block.acm]
+    assert [c.module for c in recorder.calls] == [block.context]
     assert recorder.calls[0].input.shape == (1, 512, 4, 4)
 
 
@@ -89,8 +89,8 @@ def test_shapes_and_names_equal_the_plain_backbone():
     acm_keys = set(acm.state_dict())
     assert plain_keys <= acm_keys
     extra = acm_keys - plain_keys
-    assert extra and all(".acm." in k for k in extra)
-    assert "bottom_up.res3.0.acm.kq_logits.weight" in extra
+    assert extra and all(".context." in k for k in extra)
+    assert "bottom_up.res3.0.context.kq_logits.weight" in extra
     assert acm.output_shape() == plain.output_shape()
 
 
@@ -101,7 +101,7 @@ def test_resnext_and_retinanet_and_c4():
     assert len(acm_blocks(retina)) == 13
     assert set(retina.output_shape()) == {"p3", "p4", "p5", "p6", "p7"}
     c4 = build("MODEL.RESNETS.OUT_FEATURES", "['res4']", backbone="build_resnet_acm_backbone")
-    assert isinstance(c4, ACMResNet)
+    assert isinstance(c4, ContextResNet)
     assert len(acm_blocks(c4)) == 4 + 6  # res3, res4; res5 of C4 models is in the ROI heads
     assert c4(torch.randn(1, 3, 32, 32))["res4"].shape == (1, 1024, 2, 2)
 
@@ -118,7 +118,7 @@ def test_se_and_none_modules():
 def test_trained_parameters_only_in_unfrozen_stages():
     backbone = build("MODEL.BACKBONE.FREEZE_AT", "2")
     for name, p in backbone.named_parameters():
-        if ".acm." in name:
+        if ".context." in name:
             assert p.requires_grad, name
         if name.startswith("bottom_up.res2") or name.startswith("bottom_up.stem"):
             assert not p.requires_grad, name
@@ -150,7 +150,7 @@ def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path):
         pickle.dump({"blobs": blobs}, f)
     torch.manual_seed(1)
     acm = build("MODEL.RESNETS.NORM", "FrozenBN").bottom_up
-    acm_init = {k: v.clone() for k, v in acm.state_dict().items() if ".acm." in k}
+    acm_init = {k: v.clone() for k, v in acm.state_dict().items() if ".context." in k}
     checkpointer = DetectionCheckpointer(acm)
     incompatible = checkpointer._load_model(checkpointer._load_file(str(path)))  # what load() logs
     loaded = acm.state_dict()
@@ -160,7 +160,7 @@ def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path):
     for k, v in acm_init.items():
         torch.testing.assert_close(loaded[k], v, msg=k)  # ACM keeps its initialisation
     missing = set(incompatible.missing_keys)
-    assert len(missing) == 13 * 5 and all(".acm." in k for k in missing)  # kq_logits.weight, channel_gate.{0,2}.*
+    assert len(missing) == 13 * 5 and all(".context." in k for k in missing)  # kq_logits.weight, channel_gate.{0,2}.*
     assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
 
 
@@ -171,7 +171,7 @@ def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path):
         (["MODEL.BACKBONE.FREEZE_AT", "5"], "MODEL.BACKBONE.FREEZE_AT=5 freezes every stage of this backbone"),
         (["MODEL.ACM.STAGES", "['res2']"], "MODEL.ACM.STAGES asks for ['res2'], but MODEL.BACKBONE.FREEZE_AT=2 freezes them"),
         (["MODEL.ACM.STAGES", "['res6']"], "MODEL.ACM.STAGES has ['res6'], which this backbone does not have"),
-        (["MODEL.ACM.MODULE", "CBAM"], "MODEL.ACM.MODULE must be one of ['ACM', 'SE', 'none'], got 'CBAM'"),
+        (["MODEL.ACM.MODULE", "XL"], "MODEL.ACM.MODULE must be one of ['ACM', 'CBAM', 'CC', 'GC', 'NL', 'SE', 'none'], got 'XL'"),
     ],
 )
 def test_placement_errors_name_the_setting(opts, message):

@@ -49,10 +49,10 @@ def official_state_dict(model, seed=0):
     blocks = acm_modules(model)
     done = set()
     for key, value in model.state_dict().items():
-        if ".acm." not in key:
+        if ".context." not in key:
             result[key] = value.clone()
             continue
-        block = key.split(".acm.")[0]
+        block = key.split(".context.")[0]
         if block not in done:
             module = blocks[block.rsplit("bottom_up.", 1)[1]]
             result.update(official_acm_tensors(f"{block}.", module.channels, module.groups, generator))
@@ -111,13 +111,13 @@ def test_converted_module_computes_the_reference_output():
     converted, report = convert_official_state_dict(OrderedDict((f"module.{k}", v) for k, v in reference.state_dict().items()))
     assert report.converted == {"<top level>": (64, 8)}
     module = ACM(64, groups=8)
-    module.load_state_dict(OrderedDict((k[len("acm."):], v) for k, v in converted.items()), strict=True)
+    module.load_state_dict(OrderedDict((k[len("context."):], v) for k, v in converted.items()), strict=True)
     x = torch.randn(2, 64, 7, 9)
     y_ref, orth_ref = reference(x)
     y, orthogonality = module.forward_with_orthogonality(x)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(orthogonality, orth_ref, atol=1e-5, rtol=1e-5)
-    back = to_official_state_dict(OrderedDict((f"acm.{k}", v) for k, v in module.state_dict().items()))
+    back = to_official_state_dict(OrderedDict((f"context.{k}", v) for k, v in module.state_dict().items()))
     for key, value in reference.state_dict().items():
         expected = torch.zeros_like(value) if key.endswith("map_gen.0.bias") else value  # the map biases change nothing
         torch.testing.assert_close(back[f"module.{key}"], expected, atol=0, rtol=0)
@@ -131,11 +131,11 @@ def test_plain_keys_pass_through_in_order():
     converted, report = convert_official_state_dict(state)
     assert list(converted) == [
         "a.weight",
-        "backbone.bottom_up.res3.0.acm.kq_logits.weight",
-        "backbone.bottom_up.res3.0.acm.channel_gate.0.weight",
-        "backbone.bottom_up.res3.0.acm.channel_gate.0.bias",
-        "backbone.bottom_up.res3.0.acm.channel_gate.2.weight",
-        "backbone.bottom_up.res3.0.acm.channel_gate.2.bias",
+        "backbone.bottom_up.res3.0.context.kq_logits.weight",
+        "backbone.bottom_up.res3.0.context.channel_gate.0.weight",
+        "backbone.bottom_up.res3.0.context.channel_gate.0.bias",
+        "backbone.bottom_up.res3.0.context.channel_gate.2.weight",
+        "backbone.bottom_up.res3.0.context.channel_gate.2.bias",
         "z.bias",
     ]
     assert report.passed_through == 2
@@ -171,7 +171,7 @@ def test_errors_are_reported(kind, words):
     converted, report = convert_official_state_dict(_broken(kind), strict=False)
     assert not report.ok
     assert not any(k.startswith("backbone.bottom_up.res3.1.") for k in converted)
-    assert "backbone.bottom_up.res3.0.acm.kq_logits.weight" in converted
+    assert "backbone.bottom_up.res3.0.context.kq_logits.weight" in converted
 
 
 class _Opaque:
@@ -236,7 +236,7 @@ def test_cli_checks_against_config_and_refuses_broken_files(tmp_path, tiny_model
     # the same weights against a model with 8 groups instead of 16: every ACM tensor mismatches
     done = _run_tool(tmp_path / "official.pth", tmp_path / "b.pth", "--config-file", TINY_CONFIG, "MODEL.ACM.GROUPS", "8")
     assert done.returncode == 1
-    assert "shape mismatch:   backbone.bottom_up.res2.0.acm.kq_logits.weight: file (32, 4, 1, 1), model (16, 8, 1, 1)" in done.stdout
+    assert "shape mismatch:   backbone.bottom_up.res2.0.context.kq_logits.weight: file (32, 4, 1, 1), model (16, 8, 1, 1)" in done.stdout
     assert "not written" in done.stderr and not os.path.exists(tmp_path / "b.pth")
 
     torch.save({"model": _broken("incomplete")}, tmp_path / "broken.pth")

@@ -28,7 +28,7 @@ cfg.merge_from_list(args.opts)
 model = build_model(cfg).eval()
 flops = FlopCountAnalysis(model.backbone, torch.randn(1, 3, 64, 64))
 flops.unsupported_ops_warnings(False)
-acm = sum(v for k, v in flops.by_module().items() if k.endswith(".acm"))
+acm = sum(v for k, v in flops.by_module().items() if k.endswith(".context"))
 print(json.dumps({"meta": type(model).__name__, "unsupported": sorted(flops.unsupported_ops()), "acm": acm}))
 '''
 ARGS = ["--config-file", "configs/Synthetic/mask_rcnn_R_18_FPN_acm.yaml", "MODEL.DEVICE", "cpu"]

@@ -73,8 +73,8 @@ def test_acm_shape_mismatch_is_reported_key_by_key(tmp_path):
     message = str(info.value)
     n_acm = sum(isinstance(m, ACM) for m in target.modules())
     assert len(info.value.mismatches) == 3 * n_acm  # the kq_logits and both channel_gate weights
-    assert "bottom_up.res2.0.acm.kq_logits.weight: checkpoint (16, 8, 1, 1) vs model (32, 4, 1, 1)" in message
-    assert "bottom_up.res5.1.acm.channel_gate.0.weight: checkpoint (256, 64, 1, 1) vs model (256, 32, 1, 1)" in message
+    assert "bottom_up.res2.0.context.kq_logits.weight: checkpoint (16, 8, 1, 1) vs model (32, 4, 1, 1)" in message
+    assert "bottom_up.res5.1.context.channel_gate.0.weight: checkpoint (256, 64, 1, 1) vs model (256, 32, 1, 1)" in message
     assert "MODEL.ACM" in message
 
 
@@ -86,7 +86,7 @@ def test_other_shape_mismatch_keeps_detectron2_behaviour(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         SafeCheckpointer(model).load(_save(tmp_path / "x.pth", state))
     assert "fpn_output2.bias" in caplog.text
-    assert torch.equal(model.state_dict()["bottom_up.res3.0.acm.kq_logits.weight"], state["bottom_up.res3.0.acm.kq_logits.weight"])
+    assert torch.equal(model.state_dict()["bottom_up.res3.0.context.kq_logits.weight"], state["bottom_up.res3.0.context.kq_logits.weight"])
 
 
 def test_imagenet_weights_report_only_acm_parameters_missing(tmp_path, monkeypatch):
@@ -102,7 +102,7 @@ def test_imagenet_weights_report_only_acm_parameters_missing(tmp_path, monkeypat
     monkeypatch.setattr(checkpointer, "_log_incompatible_keys", reports.append)
     checkpointer.load(str(path))
     (incompatible,) = reports
-    acm_keys = {k for k in model.state_dict() if ".acm." in k}
+    acm_keys = {k for k in model.state_dict() if ".context." in k}
     assert acm_keys and set(incompatible.missing_keys) == acm_keys
     assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
 
@@ -239,8 +239,8 @@ def test_evaluation_needs_every_parameter_from_the_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "where, words",
     [
-        ("opts", "the command line: MODEL.ACM.META_ARCHITECTURE is not a config key; MODEL.ACM has: ['GROUPS', "),
-        ("yaml", "evil.yaml: MODEL.ACM.META_ARCHITECTURE is not a config key; MODEL.ACM has: ['GROUPS', "),
+        ("opts", "the command line: MODEL.ACM.META_ARCHITECTURE is not a config key; MODEL.ACM has: ['AFTER_BLOCKS', "),
+        ("yaml", "evil.yaml: MODEL.ACM.META_ARCHITECTURE is not a config key; MODEL.ACM has: ['AFTER_BLOCKS', "),
     ],
 )
 def test_unknown_key_names_the_section_and_the_key_meant(tmp_path, where, words):

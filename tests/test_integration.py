@@ -71,12 +71,12 @@ def test_flop_count_includes_acm():
         backbone_flops[module] = analysis.total()
         if module == "ACM":
             per_module = analysis.by_module()
-            acm_flops = {k: v for k, v in per_module.items() if k.endswith(".acm")}
+            acm_flops = {k: v for k, v in per_module.items() if k.endswith(".context")}
             assert len(acm_flops) == 8 and all(v > 0 for v in acm_flops.values())
             # the whole model (FPN, RPN, ROI heads) traces and counts too
             whole = count_flops(model, [{"image": image}])
             assert whole.total() > backbone_flops["ACM"]
-            assert any(k.endswith("backbone.bottom_up.res4.0.acm") and v > 0 for k, v in whole.by_module().items())
+            assert any(k.endswith("backbone.bottom_up.res4.0.context") and v > 0 for k, v in whole.by_module().items())
     assert backbone_flops["ACM"] - backbone_flops["none"] >= sum(acm_flops.values())
 
 
@@ -159,8 +159,8 @@ def test_torch_compile_of_an_acm_block_matches_eager():
     block.train()
     x_eager, x_compiled = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     block(x_eager).square().sum().backward()
-    grad_eager = block.acm.kq_logits.weight.grad.clone()
+    grad_eager = block.context.kq_logits.weight.grad.clone()
     block.zero_grad()
     compiled(x_compiled).square().sum().backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(block.acm.kq_logits.weight.grad, grad_eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(block.context.kq_logits.weight.grad, grad_eager, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from acm_d2 import ACM, ACMGeneralizedRCNN, ACMResNet, acm_modules
+from acm_d2 import ACM, ACMGeneralizedRCNN, ACMResNet, ContextResNet, acm_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -57,10 +57,10 @@ def tiny_batch(num_images=2, size=32):
 def test_lazy_config_trains_with_orth_loss(config_file):
     cfg = small(LazyConfig.load(str(ROOT / config_file)))
     assert cfg.model.orth_loss_weight == 0.1
-    assert cfg.model.backbone.bottom_up.acm_groups == 32
+    assert cfg.model.backbone.bottom_up.module_options.groups == 32
     torch.manual_seed(0)
     model = instantiate(cfg.model)
-    assert isinstance(model, ACMGeneralizedRCNN) and isinstance(model.backbone.bottom_up, ACMResNet)
+    assert isinstance(model, ACMGeneralizedRCNN) and isinstance(model.backbone.bottom_up, ContextResNet)
     expected_count, first_stage, orth_loss_modules = CONFIGS[config_file]
     modules = acm_modules(model)
     assert len(modules) == expected_count and next(iter(modules)) == f"{first_stage}.0"
@@ -95,7 +95,7 @@ def test_lazy_config_save_round_trip(tmp_path):
         assert not os.path.exists(str(path) + ".pkl")
         text = path.read_text()
         assert "_target_: acm_d2.ACMGeneralizedRCNN" in text
-        assert "_target_: acm_d2.ACMResNet" in text
+        assert "_target_: acm_d2.ContextResNet" in text
         reloaded = LazyConfig.load(str(path))
         assert reloaded.model.orth_loss_weight == 0.1
         assert reloaded.model.backbone.bottom_up.freeze_at == cfg.model.backbone.bottom_up.freeze_at
@@ -111,11 +111,25 @@ def test_overrides_like_the_command_line():
     config_file = str(ROOT / "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py")
     cfg = LazyConfig.apply_overrides(
         LazyConfig.load(config_file),
-        ["model.backbone.bottom_up.acm_groups=16", "model.orth_loss_weight=0.5", "model.backbone.bottom_up.acm_stages=[res5]",
-         "model.backbone.bottom_up.acm_variant='X+(K-Q)'"],
+        ["model.backbone.bottom_up.module_options.groups=16", "model.orth_loss_weight=0.5",
+         "model.backbone.bottom_up.module_stages=[res5]", "model.backbone.bottom_up.module_options.variant='X+(K-Q)'"],
     )
     model = instantiate(small(cfg).model)
     modules = acm_modules(model)
     assert list(modules) == ["res5.0", "res5.1", "res5.2"]
     assert all(m.groups == 16 and m.variant == "X+(K-Q)" and m.channel_gate is None for m in modules.values())
     assert model.orth_loss_weight == 0.5
+
+
+def test_configs_of_earlier_versions_keep_working():
+    """acm-d2 < 0.3 named the backbone ACMResNet, with acm_stages / acm_groups / acm_variant."""
+    config_file = str(ROOT / "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py")
+    cfg = LazyConfig.load(config_file)
+    old = cfg.model.backbone.bottom_up
+    old._target_ = ACMResNet
+    del old.context_module, old.module_options, old.module_stages
+    old.acm_stages, old.acm_groups, old.acm_variant = ["res4"], 8, "X+(K-Q)"
+    backbone = instantiate(old)
+    modules = acm_modules(backbone)
+    assert list(modules) == [f"res4.{i}" for i in range(6)]
+    assert all(m.groups == 8 and m.variant == "X+(K-Q)" for m in modules.values())

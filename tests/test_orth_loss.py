@@ -51,7 +51,7 @@ def paper_formula(model, calls, weight, stages=None):
     per_sample = sum(
         literal_from_module(c.module, c.input.detach())[1]
         for c in calls
-        if stages is None or names[c.module].split(".")[-3] in stages  # "backbone.bottom_up.res5.1.acm"
+        if stages is None or names[c.module].split(".")[-3] in stages  # "backbone.bottom_up.res5.1.context"
     )
     return weight * per_sample.mean().abs()
 
@@ -90,9 +90,9 @@ def authors_objective(model, batch, weight):
         dp = torch.zeros(images.shape[0], dtype=torch.float64)
         for block in stage:
             out = block.conv2(torch.relu(block.conv1(x)))  # BasicBlock
-            dp = dp + literal_from_module(block.acm, out)[1].double()  # the running sum of this stage
+            dp = dp + literal_from_module(block.context, out)[1].double()  # the running sum of this stage
             shortcut = x if block.shortcut is None else block.shortcut(x)
-            x = torch.relu(block.acm(out) + shortcut)
+            x = torch.relu(block.context(out) + shortcut)
         sums = {"res5": dp} if name == "res5" else {}
     return weight * sums["res5"].mean().abs()
 

@@ -164,11 +164,11 @@ class _DivergingRPN(nn.Module):
     def __init__(self, nan_weight: bool):
         super().__init__()
         self.head = nn.Linear(4, 4)
-        self.acm = nn.Module()
-        self.acm.gate = nn.Linear(2, 2)
+        self.context = nn.Module()
+        self.context.gate = nn.Linear(2, 2)
         if nan_weight:
             with torch.no_grad():
-                self.acm.gate.weight[0, 0] = math.nan
+                self.context.gate.weight[0, 0] = math.nan
 
     def forward(self, batch):
         boxes = self.head(torch.ones(1, 4)) * math.inf
@@ -191,7 +191,7 @@ def test_diverging_rpn_says_what_to_change(nan_weight):
     for setting in ("SOLVER.BASE_LR", "SOLVER.WARMUP_ITERS", "SOLVER.CLIP_GRADIENTS.ENABLED", "--resume"):
         assert setting in message
     if nan_weight:
-        assert "1 of 4 parameter tensors are non-finite (e.g. ['acm.gate.weight']), 1 of them in ACM modules" in message
+        assert "1 of 4 parameter tensors are non-finite (e.g. ['context.gate.weight']), 1 of them in context modules" in message
     else:
         assert "Every parameter is finite: the activations overflowed" in message
 

@@ -25,7 +25,7 @@ def test_train_then_eval_only(tmp_path):
     first, last = load_model_weights(out / "model_0000000.pth"), load_model_weights(final)
     # training changed the weights, also those of the ACM modules
     changed = [k for k in last if not torch.equal(first[k], last[k])]
-    assert any(".acm." in k for k in changed) and any("roi_heads" in k for k in changed)
+    assert any(".context." in k for k in changed) and any("roi_heads" in k for k in changed)
     metrics = read_metrics(out)
     losses = [m["total_loss"] for m in metrics if "total_loss" in m]
     assert losses and all(np.isfinite(losses))

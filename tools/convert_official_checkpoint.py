@@ -6,7 +6,7 @@
 
 acm-d2's models load the authors' checkpoints as they are (every loader converts them), so
 this tool is for a file in acm-d2's own layout with tensors only: ``<block>.module.{add_mod,
-sub_mod,mul_mod}.*`` becomes ``<block>.acm.{kq_logits,channel_gate}.*`` (see
+sub_mod,mul_mod}.*`` becomes ``<block>.context.{kq_logits,channel_gate}.*`` (see
 acm_d2/authors_layout.py); OUT holds ``{"model": state_dict}``.
 
 With ``--config-file`` (YAML, or LazyConfig .py; overrides after it) the result is compared

@@ -23,6 +23,7 @@
   ``DefaultTrainer.__init__`` calls it directly, so ``__init__`` is restated here.
 """
 import logging
+import re
 import math
 import os
 import weakref
@@ -36,11 +37,12 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from ..config import check_registered_names
-from ..data.coco_format import check_num_classes
+from ..data.coco_format import check_num_classes, check_same_categories
 from ..modeling.orth_loss import LOSS_KEY
 from .checkpointer import SafeCheckpointer
 from .data import build_resumable_train_loader, derived_seed, seed_all_generators
 from .preemption import CheckpointOnStop
+from .resume_check import apply_solver_settings, check_resumed_config, validate_trainer_state
 
 __all__ = [
     "CheckedAMPTrainer",
@@ -93,10 +95,10 @@ def diverged_forward_message(
     params = list(model.named_parameters())
     bad = [name for name, p in params if not bool(torch.isfinite(p.detach()).all())]
     if bad:
-        acm = [name for name in bad if ".acm." in f".{name}"]
+        acm = [name for name in bad if re.search(r"(^|\.)context(_after)?\.", name)]
         found = (
             f"{len(bad)} of {len(params)} parameter tensors are non-finite (e.g. {bad[:5]})"
-            + (f", {len(acm)} of them in ACM modules" if acm else ", none in ACM modules")
+            + (f", {len(acm)} of them in context modules" if acm else ", none in context modules")
             + ": the last optimizer step diverged."
         )
     else:
@@ -250,17 +252,21 @@ class ResumableTrainer(DefaultTrainer):
 
         check_registered_names(cfg)  # also for configs not made by acm_d2.get_acm_cfg
         check_num_classes(cfg)
+        check_same_categories(cfg)  # train and test datasets: the same ids and names
         unchecked = [n for n in cfg.DATASETS.TRAIN if _thing_classes(n) is None]
         # Built in DefaultTrainer's order.
         model = self.build_model(cfg)
         check_distributed_setup(model)
         optimizer = self.build_optimizer(cfg, model)
+        # The solver settings of this config, applied to a resumed optimizer (resume_or_load).
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self._resume_seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         data_loader = self.build_train_loader(cfg)
         # Loading the datasets sets the thing_classes of those registered without them
         # (Detectron2's register_coco_instances(name, {}, ...)): check those now.
         if unchecked:
             check_num_classes(cfg, unchecked)
+            check_same_categories(cfg)
         # The resumable stream of build_train_loader (None if a subclass builds another).
         self._train_sampler = getattr(data_loader, "resumable_sampler", None)
         self._train_dataset = getattr(data_loader, "resumable_dataset", None)
@@ -323,7 +329,9 @@ class ResumableTrainer(DefaultTrainer):
         if resume:
             self.checkpointer.remove_stale_temp_files()
         super().resume_or_load(resume=resume)
-        if self._train_sampler is not None:
+        if resume and self.checkpointer.has_checkpoint():
+            apply_solver_settings(self._trainer.optimizer, self.scheduler, self._configured_groups)
+        if self._train_sampler is not None and self.start_iter < self.max_iter:  # nothing to replay after the end
             self._train_sampler.resume(self.start_iter, self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         elif self.start_iter > 0:
             logger.warning("The train loader is not resumable: the data order restarts at iteration %d", self.start_iter)
@@ -338,11 +346,17 @@ class ResumableTrainer(DefaultTrainer):
 
     def state_dict(self):
         ret = super().state_dict()
+        ret["config"] = self.cfg.dump()  # compared with the config of a --resume (resume_check)
         if self._train_sampler is not None:
             ret["data_stream"] = {"seed": self._train_sampler.seed}
         return ret
 
     def load_state_dict(self, state_dict):
+        # The fields are checked before use, and a refused config change stops here, before any
+        # iteration, also when prepare_output_dir did not run (ResumableTrainer used directly).
+        source = self.checkpointer.get_checkpoint_file() or self.cfg.OUTPUT_DIR
+        validate_trainer_state(state_dict, source, self._trainer.optimizer)
+        check_resumed_config(state_dict.get("config"), self.cfg, source, log_changes=False)
         super().load_state_dict(state_dict)
         stream = state_dict.get("data_stream")
         if stream is not None and self._train_sampler is not None:

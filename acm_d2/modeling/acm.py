@@ -33,14 +33,19 @@ from torch import nn
 
 from ..authors_layout import convert_acm_keys
 from .acm_function import attend_and_compare
+from .context import CONTEXT_MODULE_REGISTRY
 from .recorder import report_acm_call
 
-__all__ = ["ACM", "ACM_VARIANTS", "check_acm_settings"]
+__all__ = ["ACM", "ACM_INITS", "ACM_VARIANTS", "check_acm_settings"]
 
 logger = logging.getLogger(__name__)
 
 #: The module variants of the paper's Table 2a, by the formula of their output.
 ACM_VARIANTS = ("P(X+(K-Q))", "X+(K-Q)", "P(X+K)", "PX")
+
+#: The initialisations of an ACM (MODEL.ACM.INIT; see :meth:`ACM.reset_parameters` and
+#: docs/initialisation.md).
+ACM_INITS = ("authors", "identity")
 
 
 def check_acm_settings(channels: int, groups: int, variant: str = "P(X+(K-Q))", where: str = "ACM") -> None:
@@ -59,6 +64,7 @@ def check_acm_settings(channels: int, groups: int, variant: str = "P(X+(K-Q))", 
         )
 
 
+@CONTEXT_MODULE_REGISTRY.register()
 class ACM(nn.Module):
     """The Attend-and-Compare Module, a drop-in map X (N, C, H, W) -> Y (N, C, H, W).
 
@@ -67,6 +73,8 @@ class ACM(nn.Module):
         groups: G, the number of channel groups; each has its own K and Q attention map.
             Must divide C / 2. The authors used 32.
         variant: one of :data:`ACM_VARIANTS` (see the module docstring).
+        init: one of :data:`ACM_INITS`, the initialisation (MODEL.ACM.INIT): "authors"
+            (default, the paper's) or "identity" (see :meth:`reset_parameters`).
 
     Parameters (the layout of checkpoints; :mod:`acm_d2.checkpoint` converts the authors'):
         kq_logits: grouped 1x1 conv C -> 2G without bias, the logits of the K and Q maps,
@@ -82,12 +90,19 @@ class ACM(nn.Module):
     term, which the meta-architecture turns into ``loss_acm_orth``.
     """
 
-    def __init__(self, channels: int, groups: int = 32, variant: str = "P(X+(K-Q))"):
+    NAME = "ACM"
+    PLACEMENT = "residual"  # after the block's last conv + norm, before the shortcut add
+    CONFIG_KEYS = {"groups": "GROUPS", "variant": "VARIANT"}
+
+    def __init__(self, channels: int, groups: int = 32, variant: str = "P(X+(K-Q))", init: str = "authors"):
         super().__init__()
         check_acm_settings(channels, groups, variant)
+        if init not in ACM_INITS:
+            raise ValueError(f"ACM: MODEL.ACM.INIT must be one of {list(ACM_INITS)}, got {init!r}")
         self.channels = channels
         self.groups = groups
         self.variant = variant
+        self.init = init
         maps_per_group = {"P(X+(K-Q))": 2, "X+(K-Q)": 2, "P(X+K)": 1, "PX": 0}[variant]
         self.kq_logits: Optional[nn.Conv2d] = None
         self.channel_gate: Optional[nn.Sequential] = None
@@ -102,12 +117,47 @@ class ACM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_out, relu) weights and zero biases, as the authors did."""
+        """Initialise the parameters as ``self.init`` says.
+
+        "authors": Kaiming-normal (fan_out, relu) weights and zero biases, as the authors did.
+
+        "identity": the authors' init, then the K and Q map weights and the last gate conv
+        (weight and bias) set to zero. At this point, for every input X:
+
+        * W_K = W_Q = 0: every map is uniform, K = Q = 0 exactly, so K - Q = 0, and so is its
+          Jacobian with respect to X (the two maps' terms cancel exactly);
+        * P = sigmoid(0) = 1/2 exactly, the same for every sample and channel;
+        * so Y = X / 2 exactly (Y = X for "X+(K-Q)", which has no P), and the backward pass
+          is dX = dY / 2.
+
+        The halving is undone outside the module, where a network without ACM is loaded:
+        :attr:`identity_input_scale` (2 here) multiplies the affine output of the layer that
+        feeds the module (the block's last norm), which is exact in floating point, so that
+        the block computes bit for bit what the plain block computed. Every parameter still
+        learns: at step 0 the map weights get non-zero gradients (for uniform maps,
+        dL/dW_K = Cov_hw(X) dL/dK per group; dL/dW_Q is its negative, so K and Q move apart),
+        and so do the last gate conv's weight and bias; the first gate conv's gradient passes
+        through the zero weight, so it is zero at step 0 and non-zero from step 1 on (as for
+        the zero-initialised last layers of GC, NL and CC).
+        """
         for conv in self.modules():
             if isinstance(conv, nn.Conv2d):
                 nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
                 if conv.bias is not None:
                     nn.init.zeros_(conv.bias)
+        if self.init == "identity":
+            if self.kq_logits is not None:
+                nn.init.zeros_(self.kq_logits.weight)
+            if self.channel_gate is not None:
+                nn.init.zeros_(self.channel_gate[2].weight)
+                nn.init.zeros_(self.channel_gate[2].bias)
+
+    @property
+    def identity_input_scale(self) -> float:
+        """The factor by which the input of an "identity"-initialised module must be scaled
+        for the module to be the identity at initialisation: 1 / P = 2 for the variants with
+        P, 1 for "X+(K-Q)" and for the "authors" init (nothing to undo)."""
+        return 2.0 if self.init == "identity" and self.channel_gate is not None else 1.0
 
     # Version 2: kq_logits has no bias (version 1 kept one that softmax ignores).
     _version = 2
@@ -120,7 +170,7 @@ class ACM(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, groups={self.groups}, variant={self.variant!r}"
+        return f"channels={self.channels}, groups={self.groups}, variant={self.variant!r}, init={self.init!r}"
 
     def forward_with_orthogonality(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x (N, C, H, W) -> (Y (N, C, H, W), orthogonality (N,) or None), like the authors'

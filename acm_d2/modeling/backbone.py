@@ -1,8 +1,9 @@
-"""Backbone builders with ACM, registered in Detectron2's BACKBONE_REGISTRY.
+"""Backbone builders with context modules, registered in Detectron2's BACKBONE_REGISTRY.
 
 Each builder is Detectron2's builder of the same name without ``_acm``: Detectron2 builds
-the ResNet from MODEL.RESNETS, and :class:`ACMResNet` puts the context modules of MODEL.ACM
-into its blocks (same convs, same parameter names).
+the ResNet from MODEL.RESNETS, and :class:`ContextResNet` puts the context module of
+MODEL.ACM (ACM or a peer: MODEL.ACM.MODULE) into its blocks (same convs, same parameter
+names). The names keep ``_acm`` for the configs that use them, whatever the module.
 """
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
@@ -11,7 +12,8 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from .meta_arch import ACMOrthLossMixin
 from .orth_loss import check_orth_loss_weight
-from .resnet import ACMResNet
+from .context import context_module_class, context_module_options
+from .resnet import ContextResNet
 
 __all__ = [
     "build_resnet_acm_backbone",
@@ -27,6 +29,8 @@ def check_acm_config(cfg) -> None:
     """Raise ValueError for settings of MODEL.ACM / MODEL.RESNETS that ACM cannot honour,
     naming the setting and the allowed values."""
     acm = cfg.MODEL.ACM
+    if acm.MODULE != "none":
+        context_module_class(acm.MODULE)  # refuses an unknown name, listing the allowed ones
     weight = check_orth_loss_weight(acm.ORTH_LOSS_WEIGHT)
     depth = cfg.MODEL.RESNETS.DEPTH
     if depth not in _RESNET_DEPTHS:
@@ -48,26 +52,25 @@ def check_acm_config(cfg) -> None:
         )
 
 
-def _build_acm_resnet(cfg, input_shape: ShapeSpec) -> ACMResNet:
+def _build_acm_resnet(cfg, input_shape: ShapeSpec) -> ContextResNet:
     check_acm_config(cfg)
     plain = build_resnet_backbone(cfg, input_shape)
     acm = cfg.MODEL.ACM
-    return ACMResNet(
+    return ContextResNet(
         plain.stem,
         [list(stage.children()) for stage in plain.stages],
         out_features=list(plain.output_shape()),
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        acm_stages=list(acm.STAGES),
         context_module=acm.MODULE,
-        acm_groups=acm.GROUPS,
-        acm_variant=acm.VARIANT,
-        se_reduction=acm.SE_REDUCTION,
+        module_options=context_module_options(acm),
+        module_stages=list(acm.STAGES),
+        after_blocks=list(acm.AFTER_BLOCKS),
     )
 
 
 @BACKBONE_REGISTRY.register()
 def build_resnet_acm_backbone(cfg, input_shape: ShapeSpec):
-    """ResNet + ACM, C4-style (as ``build_resnet_backbone``); res5 of C4 models is in the ROI heads."""
+    """ResNet + a context module, C4-style (as ``build_resnet_backbone``); res5 of C4 models is in the ROI heads."""
     return _build_acm_resnet(cfg, input_shape)
 
 
@@ -84,13 +87,13 @@ def _fpn_on(cfg, bottom_up, top_block) -> FPN:
 
 @BACKBONE_REGISTRY.register()
 def build_resnet_fpn_acm_backbone(cfg, input_shape: ShapeSpec):
-    """ResNet + ACM with FPN, as ``build_resnet_fpn_backbone`` (Mask/Faster R-CNN)."""
+    """ResNet + a context module with FPN, as ``build_resnet_fpn_backbone`` (Mask/Faster R-CNN)."""
     return _fpn_on(cfg, _build_acm_resnet(cfg, input_shape), LastLevelMaxPool())
 
 
 @BACKBONE_REGISTRY.register()
 def build_retinanet_resnet_fpn_acm_backbone(cfg, input_shape: ShapeSpec):
-    """ResNet + ACM with FPN and P6/P7 from res5, as ``build_retinanet_resnet_fpn_backbone``."""
+    """ResNet + a context module with FPN and P6/P7 from res5, as ``build_retinanet_resnet_fpn_backbone``."""
     bottom_up = _build_acm_resnet(cfg, input_shape)
     in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
     return _fpn_on(cfg, bottom_up, LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS))

@@ -2,7 +2,7 @@
 large-scale jitter (1024 px crops of 0.1x-2x rescaled images), SyncBN, batch 64, AMP.
 
 Detectron2's ``new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py`` with the ResNet replaced by
-:class:`acm_d2.ACMResNet` and the orthogonality loss (lambda 0.1, over all modules). With freeze_at = 0 every
+:class:`acm_d2.ContextResNet` and the orthogonality loss (lambda 0.1, over all modules). With freeze_at = 0 every
 stage is trained, so ACM goes into all 16 bottlenecks of R-50 (the paper's count). The only
 other change: the heads' norm is given by its name "naiveSyncBN_N" instead of an equivalent
 lambda, so that ``LazyConfig.save`` can write this config as YAML.
@@ -15,7 +15,7 @@ from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem
 
 import acm_d2  # noqa: F401  (the config's targets live there)
-from acm_d2 import ACMGeneralizedRCNN, ACMResNet
+from acm_d2 import ACMGeneralizedRCNN, ContextResNet
 
 _baseline = model_zoo.get_config("new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py")
 model = _baseline.model
@@ -26,17 +26,18 @@ train = _baseline.train
 del _baseline
 
 # ResNet-50 with ACM in every block of every stage (freeze_at = 0: trained from scratch).
-model.backbone.bottom_up = L(ACMResNet)(
+model.backbone.bottom_up = L(ContextResNet)(
     stem=L(BasicStem)(in_channels=3, out_channels=64, norm="SyncBN"),
-    stages=L(ACMResNet.make_default_stages)(
+    stages=L(ContextResNet.make_default_stages)(
         depth=50,
         stride_in_1x1=True,
         norm="SyncBN",
     ),
     out_features=["res2", "res3", "res4", "res5"],
     freeze_at=0,
-    acm_stages=None,  # None: every stage not frozen by freeze_at (all four here)
-    acm_groups=32,
+    context_module="ACM",
+    module_options=dict(groups=32),
+    module_stages=None,  # None: every stage not frozen by freeze_at (all four here)
 )
 # Same as the baseline's lambda c: NaiveSyncBatchNorm(c, stats_mode="N"), but serialisable.
 model.roi_heads.box_head.conv_norm = model.roi_heads.mask_head.conv_norm = "naiveSyncBN_N"

@@ -1,7 +1,7 @@
 """Mask R-CNN R-50-FPN + ACM, 1x schedule, as a LazyConfig (Python) config.
 
 Detectron2's ``configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py`` (built from its
-``common/`` configs) with the ResNet replaced by :class:`acm_d2.ACMResNet` (ACM after conv3
+``common/`` configs) with the ResNet replaced by :class:`acm_d2.ContextResNet` (ACM after conv3
 + norm of every bottleneck of the trained stages res3-res5, 32 groups, the authors' setting)
 and the orthogonality loss ``loss_acm_orth`` with lambda = 0.1 over the res5 modules (the
 authors' Detectron2 code). Runs with Detectron2's own
@@ -18,7 +18,7 @@ from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem
 
 import acm_d2  # noqa: F401  (the config's targets live there)
-from acm_d2 import ACMGeneralizedRCNN, ACMResNet
+from acm_d2 import ACMGeneralizedRCNN, ContextResNet
 
 # The pieces of Detectron2's mask_rcnn_R_50_FPN_1x.py, taken from its model zoo.
 model = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
@@ -28,18 +28,21 @@ lr_multiplier = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_1x
 train = model_zoo.get_config("common/train.py").train
 
 # ResNet-50 with ACM in every block of the stages after freeze_at (res3, res4, res5: 13 modules).
-model.backbone.bottom_up = L(ACMResNet)(
+model.backbone.bottom_up = L(ContextResNet)(
     stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
-    stages=L(ACMResNet.make_default_stages)(
+    stages=L(ContextResNet.make_default_stages)(
         depth=50,
         stride_in_1x1=True,
         norm="FrozenBN",
     ),
     out_features=["res2", "res3", "res4", "res5"],
     freeze_at=2,
-    acm_stages=None,  # None: every stage not frozen by freeze_at
-    acm_groups=32,
-    acm_variant="P(X+(K-Q))",  # the full module; Table 2a: "X+(K-Q)", "P(X+K)", "PX" (quote on the command line)
+    context_module="ACM",  # or a peer: "SE", "GC", "CBAM" (module_stages), "NL", "CC" (after_blocks)
+    module_options=dict(
+        groups=32,
+        variant="P(X+(K-Q))",  # the full module; Table 2a: "X+(K-Q)", "P(X+K)", "PX" (quote on the command line)
+    ),
+    module_stages=None,  # None: every stage not frozen by freeze_at
 )
 
 # GeneralizedRCNN plus "loss_acm_orth" in its training loss dict (same state dict keys), over

@@ -1,0 +1,90 @@
+"""Recurrent criss-cross attention (Huang, Wang, Huang, Huang, Wei, Liu, "CCNet: Criss-Cross
+Attention for Semantic Segmentation", ICCV 2019, arXiv 1811.11721), a peer of ACM in the ACM
+paper's Table 6. Pure PyTorch (no CUDA extension).
+
+One criss-cross attention on X of shape (N, C, H, W):
+
+* Q = W_Q X, K = W_K X (1x1 convs C -> C / 8), V = W_V X (1x1 conv C -> C);
+* for the pixel u = (i, j), the energies d(u, v) = Q_u . K_v over the H + W - 1 positions v
+  of its row i and its column j, the pixel itself counted once;
+* A(u, .) = softmax over those H + W - 1 positions;
+* H'_u = gamma * sum_v A(u, v) V_v + X_u, with the learnable scalar gamma starting at 0.
+
+The recurrent module applies it R times with the same weights (R = 2 in the paper: every
+pixel then sees every other), so X -> CCA(CCA(X)). Since gamma starts at 0 the module is the
+identity at initialisation. Convolutions keep PyTorch's default initialisation.
+
+Placement (CCNet's COCO experiments, following the non-local paper): one unit after a whole
+ResNet block, right before the last residual block of res4 (``MODEL.ACM.AFTER_BLOCKS``).
+Memory: A has H * W * (H + W) entries per image, kept in float32.
+"""
+import torch
+from torch import nn
+
+from .context import CONTEXT_MODULE_REGISTRY
+
+__all__ = ["CrissCrossAttention"]
+
+
+@CONTEXT_MODULE_REGISTRY.register()
+class CrissCrossAttention(nn.Module):
+    """Recurrent criss-cross attention, X (N, C, H, W) -> (N, C, H, W).
+
+    Args:
+        channels: C.
+        reduction: C / C_QK, the width ratio of Q and K (MODEL.ACM.CC_REDUCTION; paper: 8).
+        recurrence: R, how many times the attention is applied, with shared weights
+            (MODEL.ACM.CC_RECURRENCE; paper: 2).
+    """
+
+    NAME = "CC"
+    PLACEMENT = "after_block"
+    CONFIG_KEYS = {"reduction": "CC_REDUCTION", "recurrence": "CC_RECURRENCE"}
+
+    def __init__(self, channels: int, reduction: int = 8, recurrence: int = 2):
+        super().__init__()
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or not 1 <= reduction <= channels:
+            raise ValueError(
+                f"CC: MODEL.ACM.CC_REDUCTION must be an integer in [1, channels] = [1, {channels}], got {reduction!r}"
+            )
+        if isinstance(recurrence, bool) or not isinstance(recurrence, int) or recurrence < 1:
+            raise ValueError(f"CC: MODEL.ACM.CC_RECURRENCE must be an integer >= 1 (paper: 2), got {recurrence!r}")
+        self.channels = channels
+        self.recurrence = recurrence
+        self.query = nn.Conv2d(channels, channels // reduction, 1)
+        self.key = nn.Conv2d(channels, channels // reduction, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) -> A, (N, H, W, H + W) float32 (float64 for float64 x): for the
+        pixel (i, j), entries [0, H) are its column (k, j) (zero at k = i, the pixel being
+        counted in its row) and entries [H, H + W) its row (i, k); they sum to 1."""
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        h = x.shape[2]
+        query = self.query(x)  # (N, C', H, W)
+        key = self.key(x)  # (N, C', H, W)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            query, key = query.to(wide), key.to(wide)
+            column = torch.einsum("ncij,nckj->nijk", query, key)  # (N, H, W, H): pixel (i, j) and (k, j)
+            itself = torch.eye(h, dtype=torch.bool, device=x.device).view(h, 1, h)  # k == i
+            column = column.masked_fill(itself, float("-inf"))
+            row = torch.einsum("ncij,ncik->nijk", query, key)  # (N, H, W, W): pixel (i, j) and (i, k)
+            return torch.softmax(torch.cat([column, row], dim=-1), dim=-1)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """One criss-cross attention: x (N, C, H, W) -> gamma * sum_v A V_v + x."""
+        h, w = x.shape[2:]
+        attention = self.attention(x)  # (N, H, W, H + W)
+        value = self.value(x)  # (N, C, H, W)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            value = value.to(attention.dtype)
+            column, row = attention.split([h, w], dim=-1)
+            gathered = torch.einsum("nijk,nckj->ncij", column, value) + torch.einsum("nijk,ncik->ncij", row, value)
+        return self.gamma.to(x.dtype) * gathered.to(x.dtype) + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) -> the attention applied ``recurrence`` times, (N, C, H, W)."""
+        for _ in range(self.recurrence):
+            x = self.attend(x)
+        return x
