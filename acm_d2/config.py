@@ -36,6 +36,11 @@ def add_acm_config(cfg) -> None:
     # G: channel groups of every ACM; each group has its own K and Q attention map. Must divide
     # half the channels of every stage that gets ACM (all stages of R-50: 1..128). Paper: 32.
     cfg.MODEL.ACM.GROUPS = 32
+    # How every ACM starts: "authors" (default; the paper's Kaiming init) or "identity" (K - Q
+    # = 0 and P = 1/2 exactly; when the weights of a network without ACM load, the norm before
+    # each ACM loads doubled, so the network computes what it computed without ACM, and every
+    # ACM parameter still learns). For adding ACM to a trained model: docs/initialisation.md.
+    cfg.MODEL.ACM.INIT = "authors"
     # For modules on the residual branch (ACM, SE, GC, CBAM): the stages whose every block gets
     # one, from "res2", "res3", "res4", "res5", each at most once. Empty (default): every stage
     # not frozen by MODEL.BACKBONE.FREEZE_AT, as the authors did (res3-res5 for FREEZE_AT=2: 13

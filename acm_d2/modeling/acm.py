@@ -92,7 +92,7 @@ class ACM(nn.Module):
 
     NAME = "ACM"
     PLACEMENT = "residual"  # after the block's last conv + norm, before the shortcut add
-    CONFIG_KEYS = {"groups": "GROUPS", "variant": "VARIANT"}
+    CONFIG_KEYS = {"groups": "GROUPS", "variant": "VARIANT", "init": "INIT"}
 
     def __init__(self, channels: int, groups: int = 32, variant: str = "P(X+(K-Q))", init: str = "authors"):
         super().__init__()

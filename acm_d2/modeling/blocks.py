@@ -55,9 +55,31 @@ class _HostsContextModules:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """The authors' fork named the module ``module``, acm-d2 < 0.3 ``acm`` / ``se``: their
-        keys load into ``context``."""
+        keys load into ``context``. A ``context`` with an ``identity_input_scale`` s != 1 (an
+        ACM with MODEL.ACM.INIT "identity": s = 2, for its P = 1/2) is the identity at
+        initialisation for inputs scaled by s: when the state dict has no ``context`` keys (a
+        network without context modules loads), the affine weight and bias of the last norm
+        (of the last conv, without a norm) load multiplied by s, exactly."""
         rename_authors_block_keys(state_dict, prefix)
+        self._scale_for_identity_context(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _scale_for_identity_context(self, state_dict, prefix) -> None:
+        scale = getattr(self.context, "identity_input_scale", 1.0)
+        if scale == 1.0 or any(key.startswith(f"{prefix}context.") for key in state_dict):
+            return
+        name = "conv3" if isinstance(self, BottleneckBlock) else "conv2"
+        norm = getattr(getattr(self, name), "norm", None)
+        if norm is not None:
+            if getattr(norm, "weight", None) is None:
+                raise ValueError(
+                    f"{prefix}{name}.norm: MODEL.ACM.INIT 'identity' scales the affine weight and bias of the norm "
+                    f"before ACM, and {type(norm).__name__} has none; use MODEL.ACM.INIT 'authors' or an affine norm"
+                )
+            name += ".norm"
+        for key in (f"{prefix}{name}.weight", f"{prefix}{name}.bias"):
+            if key in state_dict:
+                state_dict[key] = state_dict[key] * scale  # a new tensor: the caller's stays as it was
 
 
 class ContextBottleneckBlock(_HostsContextModules, BottleneckBlock):
