@@ -1,0 +1,285 @@
+"""ACM's peers (NL, CC, GC, CBAM, SE): their equations, initialisation, placement, settings,
+checkpoints, low precision, export paths, FLOP counts, and a module of the user's own."""
+import re
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_backbone, build_model
+from torch import nn
+
+import peer_equations as literal
+from acm_d2.modeling import (
+    CBAM,
+    CONTEXT_MODULE_REGISTRY,
+    CrissCrossAttention,
+    GlobalContextBlock,
+    NonLocalBlock,
+    SqueezeExcitation,
+    add_acm_flop_handles,
+    context_modules,
+)
+from conftest import acm_cfg
+
+TINY = "configs/Synthetic/mask_rcnn_R_18_FPN_acm.yaml"
+PEERS = {"NL": NonLocalBlock, "CC": CrissCrossAttention, "GC": GlobalContextBlock, "CBAM": CBAM}
+
+
+def randomised(module, std=0.3, seed=0):
+    """``module`` in float64 with every parameter drawn at random (not its zero init)."""
+    generator = torch.Generator().manual_seed(seed)
+    module = module.double()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std)
+    return module.eval()
+
+
+def params(module):
+    return dict(module.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "make, equation",
+    [
+        (lambda: NonLocalBlock(6, reduction=2), literal.non_local),
+        (lambda: CrissCrossAttention(16, reduction=8, recurrence=2), lambda p, x: literal.criss_cross(p, x, 2)),
+        (lambda: CrissCrossAttention(8, reduction=4, recurrence=1), lambda p, x: literal.criss_cross(p, x, 1)),
+        (lambda: GlobalContextBlock(8, ratio=0.25), literal.global_context),
+        (lambda: CBAM(8, reduction=2, kernel_size=7, norm=""), literal.cbam),
+    ],
+    ids=["NL", "CC-R2", "CC-R1", "GC", "CBAM"],
+)
+def test_peer_matches_its_equations(make, equation):
+    module = randomised(make())
+    x = torch.randn(2, module.channels, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = module(x)
+    assert y.shape == x.shape
+    for n in range(2):
+        torch.testing.assert_close(y[n], equation(params(module), x[n]), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["NL", "CC", "GC", "CBAM", "SE"])
+def test_peer_gradients_are_exact(name):
+    module = randomised(CONTEXT_MODULE_REGISTRY.get(name)(8, **{"NL": {"norm": ""}, "CBAM": {"norm": "", "reduction": 4},
+                                                                  "SE": {"reduction": 4}}.get(name, {})))
+    x = torch.randn(1, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(module, (x,))
+
+
+@pytest.mark.parametrize("module", [NonLocalBlock(16), NonLocalBlock(64, norm="GN"), CrissCrossAttention(16),
+                                    GlobalContextBlock(16)], ids=["NL", "NL-GN", "CC", "GC"])
+def test_zero_initialised_peers_are_the_identity(module):
+    x = torch.randn(2, module.channels, 5, 6)
+    assert torch.equal(module.train()(x), x)
+    # ... and learn: the zero-initialised part gets a gradient
+    module(x).square().sum().backward()
+    last = {NonLocalBlock: lambda m: m.out.norm.weight if m.out.norm is not None else m.out.weight,
+            CrissCrossAttention: lambda m: m.gamma, GlobalContextBlock: lambda m: m.transform[-1].weight}[type(module)]
+    assert last(module).grad.abs().sum() > 0
+
+
+def test_initialisation_as_stated():
+    gc = GlobalContextBlock(64)
+    assert gc.transform[-1].weight.abs().sum() == 0 and gc.attention_logits.bias.abs().sum() == 0
+    std = gc.attention_logits.weight.std().item()  # Kaiming normal, fan_in = 64: std sqrt(2 / 64)
+    assert 0.7 * (2 / 64) ** 0.5 < std < 1.3 * (2 / 64) ** 0.5
+    nl = NonLocalBlock(256)
+    assert 0.008 < nl.theta.weight.std().item() < 0.012 and nl.out.weight.abs().sum() == 0
+    assert nl.inner_channels == 128 and nl.theta.out_channels == 128
+    cc = CrissCrossAttention(64)
+    assert cc.query.out_channels == cc.key.out_channels == 8 and cc.value.out_channels == 64 and cc.gamma.item() == 0
+
+
+def test_attention_maps_are_distributions():
+    x = torch.randn(2, 16, 4, 5)
+    nl = NonLocalBlock(16)
+    assert nl.attention(x).shape == (2, 20, 20)
+    torch.testing.assert_close(nl.attention(x).sum(-1), torch.ones(2, 20))
+    cc = randomised(CrissCrossAttention(16)).float()
+    a = cc.attention(x)
+    assert a.shape == (2, 4, 5, 9)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, 5))
+    assert torch.all(a[:, torch.arange(4), :, torch.arange(4)] == 0)  # the pixel itself: counted once, in its row
+    gc = GlobalContextBlock(16)
+    torch.testing.assert_close(gc.attention(x).sum(dim=(-1, -2)), torch.ones(2, 1))
+
+
+@pytest.mark.parametrize(
+    "module, blocks",
+    [
+        ("SE", [f"res{s}.{i}.context" for s in (3, 4, 5) for i in range({3: 4, 4: 6, 5: 3}[s])]),
+        ("GC", [f"res{s}.{i}.context" for s in (3, 4, 5) for i in range({3: 4, 4: 6, 5: 3}[s])]),
+        ("CBAM", [f"res{s}.{i}.context" for s in (3, 4, 5) for i in range({3: 4, 4: 6, 5: 3}[s])]),
+        ("NL", ["res4.4.context_after"]),
+        ("CC", ["res4.4.context_after"]),
+    ],
+)
+def test_placement_in_r50_and_imagenet_keys_unchanged(module, blocks, tmp_path):
+    """The papers' Mask R-CNN placement, and an MSRA-layout R-50 loads with only the new keys missing."""
+    plain_cfg = acm_cfg("configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    cfg = acm_cfg(f"configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_{module.lower()}.yaml")
+    backbone = build_backbone(cfg)
+    found = context_modules(backbone)
+    assert list(found) == blocks and all(type(m) is CONTEXT_MODULE_REGISTRY.get(module) for m in found.values())
+    plain_keys = set(build_backbone(plain_cfg).state_dict())
+    keys = set(backbone.state_dict())
+    assert plain_keys <= keys  # no Detectron2 parameter changes its name
+    assert all(".context" in k for k in keys - plain_keys)
+    # the FPN forward runs with the module in place (res3-res5 trained; NL/CC after res4.4)
+    x = torch.randn(1, 3, 64, 64)
+    assert backbone(x)["p5"].shape == (1, 256, 2, 2)
+
+
+def test_imagenet_checkpoint_loads_into_peer_with_only_its_keys_missing(tmp_path):
+    plain = build_backbone(acm_cfg("configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"))
+    path = tmp_path / "r50.pth"
+    torch.save({"model": {f"backbone.{k}": v for k, v in plain.state_dict().items()}}, path)
+    cfg = acm_cfg("configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_nl.yaml", "MODEL.ROI_HEADS.NUM_CLASSES", "3")
+    model = build_model(cfg)
+    incompatible = DetectionCheckpointer(model).load(str(path), checkpointables=[])
+    assert torch.equal(model.backbone.bottom_up.res4[5].conv1.weight, plain.bottom_up.res4[5].conv1.weight)
+    nl_keys = {k for k in model.state_dict() if ".context_after." in k}
+    assert len(nl_keys) == 8  # theta, phi, g, out: weight and bias
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.ACM.MODULE", "NL", "MODEL.ACM.NL_REDUCTION", "0"], "NL: MODEL.ACM.NL_REDUCTION must be an integer in [1, channels]"),
+        (["MODEL.ACM.MODULE", "NL", "MODEL.ACM.NL_NORM", "LN"], "NL: MODEL.ACM.NL_NORM must be one of ['', 'BN', 'SyncBN', 'GN'"),
+        (["MODEL.ACM.MODULE", "CC", "MODEL.ACM.CC_REDUCTION", "0"], "CC: MODEL.ACM.CC_REDUCTION must be an integer in [1, channels]"),
+        (["MODEL.ACM.MODULE", "CC", "MODEL.ACM.CC_RECURRENCE", "0"], "CC: MODEL.ACM.CC_RECURRENCE must be an integer >= 1 (paper: 2), got 0"),
+        (["MODEL.ACM.MODULE", "GC", "MODEL.ACM.GC_RATIO", "1.5"], "GC: MODEL.ACM.GC_RATIO must be a number in (0, 1]"),
+        (["MODEL.ACM.MODULE", "GC", "MODEL.ACM.GC_RATIO", "0.001"], "with ratio * channels >= 1 (channels=64"),
+        (["MODEL.ACM.MODULE", "CBAM", "MODEL.ACM.CBAM_REDUCTION", "0"], "CBAM: MODEL.ACM.CBAM_REDUCTION must be an integer in [1, channels]"),
+        (["MODEL.ACM.MODULE", "CBAM", "MODEL.ACM.CBAM_KERNEL_SIZE", "4"], "CBAM: MODEL.ACM.CBAM_KERNEL_SIZE must be an odd integer >= 1 (paper: 7), got 4"),
+        (["MODEL.ACM.MODULE", "CBAM", "MODEL.ACM.CBAM_NORM", "GN"], "CBAM: MODEL.ACM.CBAM_NORM must be one of ['', 'BN', 'SyncBN', 'FrozenBN'"),
+        (["MODEL.ACM.MODULE", "SE", "MODEL.ACM.SE_REDUCTION", "0"], "SE: MODEL.ACM.SE_REDUCTION must be an integer in [1, channels] = [1, 64], got 0"),
+        (["MODEL.ACM.MODULE", "GC", "MODEL.ACM.AFTER_BLOCKS", "['res4.0']"], "MODEL.ACM.AFTER_BLOCKS ['res4.0'] places modules after blocks, but GC goes on the residual branch"),
+        (["MODEL.ACM.MODULE", "NL", "MODEL.ACM.STAGES", "['res4']"], "MODEL.ACM.STAGES ['res4'] places modules on the residual branch, but NL goes after whole blocks"),
+        (["MODEL.ACM.MODULE", "CC", "MODEL.ACM.AFTER_BLOCKS", "['res4.2']"], "MODEL.ACM.AFTER_BLOCKS has 'res4.2', but res4 has 2 blocks: i must be in -2..1"),
+        (["MODEL.ACM.MODULE", "CC", "MODEL.ACM.AFTER_BLOCKS", "['res4-1']"], "MODEL.ACM.AFTER_BLOCKS has 'res4-1'; each entry is 'resS'"),
+        (["MODEL.ACM.MODULE", "CC", "MODEL.ACM.AFTER_BLOCKS", "['res4', 'res4.1']"], "names block res4.1 more than once"),
+        (["MODEL.ACM.MODULE", "NL", "MODEL.BACKBONE.FREEZE_AT", "2", "MODEL.ACM.AFTER_BLOCKS", "['res2.0']"],
+         "MODEL.ACM.AFTER_BLOCKS has 'res2.0', but MODEL.BACKBONE.FREEZE_AT=2 freezes res2"),
+        (["MODEL.ACM.MODULE", "NL", "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4']", "MODEL.FPN.IN_FEATURES",
+          "['res2', 'res3', 'res4']", "MODEL.ACM.AFTER_BLOCKS", "['res5.0']"], "but this backbone has only the stages ['res2', 'res3', 'res4']"),
+    ],
+)
+def test_bad_peer_settings_name_the_key_and_the_allowed_values(opts, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_backbone(acm_cfg(TINY, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0", *opts))
+
+
+def test_after_blocks_setting_places_units_anywhere():
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", "CC", "MODEL.ACM.AFTER_BLOCKS", "['res3', 'res5.-1']", "MODEL.ACM.CC_RECURRENCE", "3")
+    found = context_modules(build_backbone(cfg))
+    assert list(found) == ["res3.0.context_after", "res3.1.context_after", "res5.1.context_after"]
+    assert all(m.recurrence == 3 for m in found.values())
+
+
+def test_block_runs_the_unit_after_its_add_and_relu():
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", "NL")
+    block = build_backbone(cfg).bottom_up.res4[0]
+    randomised(block.context_after).float()
+    block.eval()
+    x = torch.randn(1, block.in_channels, 6, 6)
+    shortcut = block.shortcut(x) if block.shortcut is not None else x
+    plain = torch.relu(block.conv2(torch.relu(block.conv1(x))) + shortcut)
+    torch.testing.assert_close(block(x), block.context_after(plain))
+
+
+def test_checkpoints_of_earlier_versions_load_into_the_context_child():
+    """acm-d2 < 0.3 named a block's module ``acm`` (or ``se``)."""
+    for module in ("ACM", "SE"):
+        model = build_backbone(acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"))
+        state = {k.replace(".context.", ".acm." if module == "ACM" else ".se."): v + 1 for k, v in model.state_dict().items()}
+        fresh = build_backbone(acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"))
+        fresh.load_state_dict(state, strict=True)
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(value, model.state_dict()[key] + 1), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_peers_under_autocast_keep_softmax_in_float32_and_stay_finite(dtype):
+    torch.manual_seed(0)
+    # realistic magnitudes: post-ReLU features with large per-channel means, trained-size weights
+    x = (torch.randn(2, 64, 12, 16) * 4 + torch.rand(1, 64, 1, 1) * 20).relu()
+    for name, cls in PEERS.items():
+        module = cls(64)
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.normal_(0, 0.2)
+        expected = module(x)
+        with torch.autocast("cpu", dtype=dtype):
+            if hasattr(module, "attention"):
+                assert module.attention(x).dtype == torch.float32, name
+            y = module(x)
+        assert torch.isfinite(y).all(), name
+        tolerance = 0.05 if dtype == torch.float16 else 0.1
+        assert ((y.float() - expected).norm() / expected.norm()).item() < tolerance, name
+
+
+def test_export_paths_match_eager_for_every_peer():
+    """Tracing, torch.export (dynamic H, W) and torch.compile of all peers in a row."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[randomised(cls(16), std=0.2).float() for cls in PEERS.values()],
+                          randomised(SqueezeExcitation(16)).float()).eval()
+    x = torch.randn(2, 16, 6, 7)
+    expected = model(x)
+    traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(x), expected, atol=1e-5, rtol=1e-5)
+    height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes={"input": {2: height, 3: width}})
+    other = torch.randn(2, 16, 9, 5)
+    torch.testing.assert_close(exported.module()(other), model(other), atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module", ["NL", "CC", "GC", "CBAM", "SE"])
+def test_flop_counts_cover_every_op_of_the_peers(module):
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0")
+    model = build_model(cfg).eval()
+    analysis = add_acm_flop_handles(FlopCountAnalysis(model, [{"image": torch.rand(3, 64, 64) * 255}]))
+    analysis.unsupported_ops_warnings(False)
+    by_module = analysis.by_module()
+    peers = [name for name in by_module if name.endswith((".context", ".context_after"))]
+    assert peers and all(by_module[name] > 0 for name in peers)
+    peer_ops = set()
+    for name in peers:
+        peer_ops |= set(analysis.unsupported_ops(name))
+    assert not peer_ops
+
+
+def test_a_module_of_your_own_is_placed_by_config():
+    @CONTEXT_MODULE_REGISTRY.register()
+    class ChannelScale(nn.Module):
+        PLACEMENT = "residual"
+        CONFIG_KEYS = {"init": "SCALE_INIT"}
+
+        def __init__(self, channels, init=1.0):
+            super().__init__()
+            self.scale = nn.Parameter(torch.full((1, channels, 1, 1), float(init)))
+
+        def forward(self, x):
+            return x * self.scale
+
+    try:
+        cfg = acm_cfg(TINY)
+        cfg.MODEL.ACM.SCALE_INIT = 0.5
+        cfg.merge_from_list(["MODEL.ACM.MODULE", "ChannelScale", "MODEL.ACM.STAGES", "['res3', 'res5']",
+                             "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"])
+        found = context_modules(build_backbone(cfg))
+        assert list(found) == ["res3.0.context", "res3.1.context", "res5.0.context", "res5.1.context"]
+        assert all(type(m) is ChannelScale and float(m.scale[0, 0]) == 0.5 for m in found.values())
+        del cfg.MODEL.ACM["SCALE_INIT"]
+        with pytest.raises(ValueError, match=re.escape("reads MODEL.ACM.SCALE_INIT, which the config does not have")):
+            build_backbone(cfg)
+    finally:
+        CONTEXT_MODULE_REGISTRY._obj_map.pop("ChannelScale")
+    with pytest.raises(ValueError, match=re.escape("PLACEMENT must be one of ['residual', 'after_block'], got None")):
+        CONTEXT_MODULE_REGISTRY.register(type("NoPlacement", (nn.Module,), {"CONFIG_KEYS": {}}))
