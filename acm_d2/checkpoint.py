@@ -104,10 +104,11 @@ def _weights_only_is_enforced() -> bool:
     return False
 
 
-def safe_torch_load(path: str):
+def safe_torch_load(path: str, mmap: bool = False):
     """``torch.load(path, map_location="cpu", weights_only=True)``: how acm-d2 reads every
     checkpoint that is not a ``.pkl`` (``.pth``, ``.pyth``, any other name). Loading cannot
-    run code stored in the file.
+    run code stored in the file. ``mmap=True`` maps the tensors instead of reading them (for
+    a look at a checkpoint's other fields).
 
     Raises:
         CheckpointLoadError: the file does not exist, is not a torch file (a text or HTML
@@ -128,7 +129,7 @@ def safe_torch_load(path: str):
         logger.error(message)
         raise CheckpointLoadError(message)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if _looks_like_torch_file(path):
             message = (

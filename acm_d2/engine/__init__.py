@@ -5,6 +5,8 @@ from .checkpointer import ACMShapeMismatchError, CheckpointLoadError, Checkpoint
 from .data import ResumableTrainingSampler, SeededMapDataset, build_resumable_train_loader
 from .launcher import external_launcher_environment, launch
 from .preemption import CheckpointOnStop, TrainingInterrupted, request_stop_on
+from .resume_check import ResumeConfigError
+from .run_dir import OutputDirInUseError, OutputDirNotEmptyError, prepare_output_dir
 from .trainer import (
     CheckedAMPTrainer,
     CheckedSimpleTrainer,
@@ -37,5 +39,9 @@ __all__ = [
     "external_launcher_environment",
     "launch",
     "non_finite_loss_message",
+    "OutputDirInUseError",
+    "OutputDirNotEmptyError",
+    "ResumeConfigError",
+    "prepare_output_dir",
     "request_stop_on",
 ]

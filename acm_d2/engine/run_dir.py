@@ -1,0 +1,257 @@
+"""A run owns its OUTPUT_DIR: one training at a time, no silent overwrite, resume checked first.
+
+:func:`prepare_output_dir` runs before anything is written into ``OUTPUT_DIR`` (before
+Detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt``):
+
+1. :class:`OutputDirLock`: the main process takes an exclusive lock on
+   ``OUTPUT_DIR/.acm_d2.lock`` (``flock``, which works on NFS too) and writes its process id,
+   host, start time and command into it. A second run into the same folder is refused at
+   once, naming that process. The kernel releases the lock when the process ends, also on
+   ``kill -9``; the file of a killed run is then a stale lock, which the next run detects (the
+   lock is free), reports and takes over. A clean exit removes the file.
+2. Without ``--resume``, a folder that holds checkpoints of an earlier run (``last_checkpoint``,
+   ``model_*.pth``) is refused: the new run would overwrite them and append to the old
+   ``metrics.json``. With ``overwrite`` (``--overwrite``) the earlier run's files are moved into
+   ``OUTPUT_DIR/previous_runs/<time>/`` first: nothing is lost, nothing is mixed.
+3. With ``--resume``, the config stored in the checkpoint that ``last_checkpoint`` names is
+   compared with the new one (:func:`acm_d2.engine.resume_check.check_resumed_config`);
+   changes that would break the run are refused here, before any iteration and any file.
+   Lines of ``metrics.json`` from iterations after that checkpoint (the interrupted run did
+   them, the resumed run does them again) are removed, so every iteration is logged once.
+"""
+import atexit
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.utils import comm
+
+from ..checkpoint import safe_torch_load
+from .resume_check import check_resumed_config
+
+__all__ = ["OutputDirInUseError", "OutputDirNotEmptyError", "OutputDirLock", "lock_output_dir", "prepare_output_dir"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".acm_d2.lock"
+#: Files and folders of a run, moved aside by ``overwrite``.
+RUN_FILES = ("last_checkpoint", "metrics.json", "config.yaml", "log.txt", "inference", "inference_TTA")
+RUN_FILE_PREFIXES = ("model_", "events.out.tfevents.")
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another process is training into the same OUTPUT_DIR."""
+
+
+class OutputDirNotEmptyError(FileExistsError):
+    """OUTPUT_DIR holds an earlier run's checkpoints, and neither resume nor overwrite was asked for."""
+
+
+def _owner_text(info: Optional[dict]) -> str:
+    if not info:
+        return "a process that wrote no details"
+    return (
+        f"process {info.get('pid')} on host {info.get('host')}, started {info.get('started')} "
+        f"(command: {info.get('command')})"
+    )
+
+
+class OutputDirLock:
+    """An exclusive lock on ``OUTPUT_DIR/.acm_d2.lock``, held until :meth:`release` or the
+    process ends (see the module docstring)."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = os.path.abspath(output_dir)
+        self.path = os.path.join(self.output_dir, LOCK_NAME)
+        self._fd: Optional[int] = None
+
+    def _read(self, fd: int) -> Optional[dict]:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 1 << 16).decode(errors="replace")
+        try:
+            info = json.loads(text)
+        except ValueError:
+            return None
+        return info if isinstance(info, dict) else None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`OutputDirInUseError` naming the process holding it."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._read(fd)
+                os.close(fd)
+                raise OutputDirInUseError(
+                    f"OUTPUT_DIR {self.output_dir} is in use by another run: {_owner_text(owner)}. Two runs "
+                    f"in one OUTPUT_DIR would overwrite each other's checkpoints and mix their metrics. Wait "
+                    f"for it to end, or set another OUTPUT_DIR."
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:  # the holder removed it as we opened it: try again
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = self._read(fd)
+        if stale:
+            logger.warning(
+                "OUTPUT_DIR %s has a stale lock of %s: that run ended without releasing it (killed or crashed); "
+                "taking it over", self.output_dir, _owner_text(stale),
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (the removal first: no one else holds it)."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+_HELD: Dict[str, OutputDirLock] = {}
+
+
+def _release_all() -> None:
+    for lock in list(_HELD.values()):
+        lock.release()
+    _HELD.clear()
+
+
+atexit.register(_release_all)
+
+
+def lock_output_dir(output_dir: str) -> OutputDirLock:
+    """Lock ``output_dir`` for this process (again: nothing to do); released at exit."""
+    key = os.path.realpath(output_dir)
+    if key not in _HELD:
+        lock = OutputDirLock(output_dir)
+        lock.acquire()
+        _HELD[key] = lock
+    return _HELD[key]
+
+
+def _run_files(output_dir: str) -> List[str]:
+    names = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    return [n for n in names if n in RUN_FILES or n.startswith(RUN_FILE_PREFIXES)]
+
+
+def _checkpoint_files(output_dir: str) -> List[str]:
+    return [n for n in _run_files(output_dir) if n == "last_checkpoint" or (n.startswith("model_") and n.endswith(".pth"))]
+
+
+def _move_previous_run(output_dir: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = os.path.join(output_dir, "previous_runs", stamp)
+    suffix = 1
+    while os.path.exists(target):
+        target = os.path.join(output_dir, "previous_runs", f"{stamp}-{suffix}")
+        suffix += 1
+    os.makedirs(target)
+    moved = _run_files(output_dir)
+    for name in moved:
+        os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    logger.warning("--overwrite: moved the earlier run's files %s from %s into %s", moved, output_dir, target)
+    return target
+
+
+def _stored_trainer_state(checkpoint_file: str) -> dict:
+    """The "trainer" entry of a checkpoint, read without loading its tensors into memory."""
+    loaded = safe_torch_load(checkpoint_file, mmap=True)
+    state = loaded.get("trainer") if isinstance(loaded, dict) else None
+    return state if isinstance(state, dict) else {}
+
+
+def _drop_metrics_after(output_dir: str, iteration: int) -> None:
+    """Remove the lines of metrics.json logged after ``iteration`` (they are done again)."""
+    from .checkpointer import atomic_write
+
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            it = json.loads(line).get("iteration")
+        except (ValueError, AttributeError):
+            it = None
+        if not (isinstance(it, int) and it > iteration):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        logger.info("Resuming after iteration %d: removing %d lines of %s logged after it", iteration, len(lines) - len(kept), path)
+        atomic_write(path, lambda f: f.writelines(kept), mode="w")
+
+
+def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bool = False) -> None:
+    """Lock ``cfg.OUTPUT_DIR`` and check it for this run; see the module docstring.
+
+    Call it in every process before anything is written into OUTPUT_DIR; the main process
+    does the work, the others wait for it.
+
+    Raises:
+        OutputDirInUseError: another run holds the lock (named).
+        OutputDirNotEmptyError: checkpoints of an earlier run, neither ``resume`` nor ``overwrite``.
+        acm_d2.engine.resume_check.ResumeConfigError: ``resume`` with a config change that
+            would break the run.
+        acm_d2.checkpoint.CheckpointLoadError: the checkpoint cannot be read.
+    """
+    if comm.is_main_process():
+        _prepare(cfg, resume, overwrite, eval_only)
+    comm.synchronize()
+
+
+def _prepare(cfg, resume: bool, overwrite: bool, eval_only: bool) -> None:
+    from .checkpointer import SafeCheckpointer
+
+    output_dir = cfg.OUTPUT_DIR
+    if not output_dir or "://" in output_dir:  # remote storage: no local lock
+        return
+    lock_output_dir(output_dir)
+    if eval_only:
+        return
+    if not resume:
+        found = _checkpoint_files(output_dir)
+        if not found:
+            return
+        if not overwrite:
+            raise OutputDirNotEmptyError(
+                f"OUTPUT_DIR {os.path.abspath(output_dir)} holds the checkpoints of an earlier run ({', '.join(found[-4:])}): "
+                f"a new run would overwrite them and append to its metrics.json. Pass --resume to continue that run, "
+                f"--overwrite to start afresh (its files are moved into {os.path.join(output_dir, 'previous_runs')}/), "
+                f"or set another OUTPUT_DIR."
+            )
+        _move_previous_run(output_dir)
+        return
+    checkpoint_file = SafeCheckpointer(torch.nn.Module(), output_dir).get_checkpoint_file()
+    if not checkpoint_file or not os.path.isfile(checkpoint_file):
+        return
+    state = _stored_trainer_state(checkpoint_file)
+    check_resumed_config(state.get("config"), cfg, checkpoint_file)
+    iteration = state.get("iteration")
+    if isinstance(iteration, int) and not isinstance(iteration, bool):
+        _drop_metrics_after(output_dir, iteration)

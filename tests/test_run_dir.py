@@ -1,0 +1,160 @@
+"""A run owns its OUTPUT_DIR (lock, no silent overwrite), and --resume compares the configs
+and checks the checkpoint's fields before anything runs or is written (issue 18)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from detectron2.solver.lr_scheduler import LRMultiplier
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from acm_d2.checkpoint import CheckpointLoadError
+from acm_d2.engine import OutputDirInUseError, OutputDirNotEmptyError, ResumeConfigError, prepare_output_dir
+from acm_d2.engine.resume_check import apply_solver_settings, validate_trainer_state
+from acm_d2.engine.run_dir import LOCK_NAME, OutputDirLock
+from conftest import acm_cfg
+from train_net_runs import REPO, load_model_weights, read_metrics, run_train_net, tiny_opts, train_net_command, write_tiny_coco
+
+
+def _cfg(output_dir, **solver):
+    cfg = acm_cfg()
+    cfg.OUTPUT_DIR = str(output_dir)
+    for key, value in solver.items():
+        setattr(cfg.SOLVER, key, value)
+    return cfg
+
+
+def test_a_second_run_is_refused_naming_the_first_and_a_killed_run_leaves_a_stale_lock(tmp_path, caplog):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from acm_d2.engine.run_dir import lock_output_dir; "
+         "lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirInUseError) as info:
+            OutputDirLock(str(out)).acquire()
+        assert f"OUTPUT_DIR {out} is in use by another run: process {holder.pid} on host" in str(info.value)
+        assert "Wait for it to end, or set another OUTPUT_DIR" in str(info.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (out / LOCK_NAME).exists()  # the killed run's lock file stays, but its lock is free
+    lock = OutputDirLock(str(out))
+    lock.acquire()
+    assert f"has a stale lock of process {holder.pid}" in caplog.text
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / LOCK_NAME).exists()  # released: removed
+
+
+def test_an_earlier_run_is_not_overwritten_without_the_flag(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model_0000009.pth", "model_final.pth", "metrics.json", "log.txt"):
+        (out / name).write_text(name)
+    (out / "last_checkpoint").write_text("model_final.pth")
+    with pytest.raises(OutputDirNotEmptyError) as info:
+        prepare_output_dir(_cfg(out), resume=False)
+    message = str(info.value)
+    assert f"OUTPUT_DIR {out} holds the checkpoints of an earlier run (last_checkpoint, model_0000009.pth, model_final.pth)" in message
+    assert "Pass --resume to continue that run, --overwrite to start afresh" in message
+    prepare_output_dir(_cfg(out), resume=False, eval_only=True)  # evaluating writes no checkpoint
+    prepare_output_dir(_cfg(out), resume=False, overwrite=True)
+    (previous,) = (out / "previous_runs").iterdir()
+    assert sorted(p.name for p in previous.iterdir()) == ["last_checkpoint", "log.txt", "metrics.json", "model_0000009.pth", "model_final.pth"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "previous_runs"]
+
+
+def test_solver_settings_of_the_new_config_are_applied_to_the_resumed_optimizer():
+    param = torch.nn.Parameter(torch.zeros(2))
+
+    def build(lr, momentum, weight_decay):
+        optimizer = torch.optim.SGD([param], lr=lr, momentum=momentum, weight_decay=weight_decay)
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        scheduler = LRMultiplier(optimizer, MultiStepParamScheduler([1.0, 0.1], milestones=[5], num_updates=10), 10)
+        return optimizer, scheduler, configured
+
+    old_optimizer, old_scheduler, _ = build(0.02, 0.9, 1e-4)
+    for _ in range(6):
+        old_optimizer.step()
+        old_scheduler.step()
+    optimizer, scheduler, configured = build(0.5, 0.8, 1e-3)  # the new config
+    optimizer.load_state_dict(old_optimizer.state_dict())  # what --resume loads: the old values
+    scheduler.load_state_dict(old_scheduler.state_dict())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.002) and scheduler.base_lrs == [0.02]
+    changed = apply_solver_settings(optimizer, scheduler, configured)
+    assert changed == ["group 0 base lr 0.02 -> 0.5", "group 0 momentum 0.9 -> 0.8", "group 0 weight_decay 0.0001 -> 0.001"]
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"], scheduler.base_lrs) == (0.8, 1e-3, [0.5])
+    assert group["lr"] == pytest.approx(0.05)  # the new base LR x the schedule's 0.1 at iteration 6
+    assert apply_solver_settings(optimizer, scheduler, configured) == []  # the same config: nothing changes
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("iteration", -5, "the checkpoint's trainer iteration is -5, expected an integer >= 0"),
+        ("iteration", "7", "the checkpoint's trainer iteration is '7', expected an integer >= 0"),
+        ("base_lrs", [float("nan")], "the checkpoint's LR scheduler base_lrs is [nan], expected 1 finite numbers"),
+        ("base_lrs", [0.1, 0.1], "the checkpoint's LR scheduler base_lrs is [0.1, 0.1], expected 1 finite numbers"),
+        ("seed", "x", "the checkpoint's data stream seed is 'x', expected an integer in 0..2**63-1"),
+        ("groups", 2, "the checkpoint's optimizer param_groups is '2 groups', expected 1 (this model's and config's)"),
+        ("lr", float("inf"), "the checkpoint's optimizer param group 0 lr is inf, expected a finite number >= 0"),
+    ],
+)
+def test_checkpoint_fields_are_validated_before_use(field, value, words):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    state = {
+        "iteration": 3,
+        "hooks": {"LRScheduler": {"base_lrs": [0.1], "last_epoch": 4}, "IterationSeed": {"seed": 5}},
+        "_trainer": {"optimizer": optimizer.state_dict()},
+        "data_stream": {"seed": 5},
+    }
+    validate_trainer_state(state, "ckpt.pth", optimizer)
+    if field == "iteration":
+        state["iteration"] = value
+    elif field == "base_lrs":
+        state["hooks"]["LRScheduler"]["base_lrs"] = value
+    elif field == "seed":
+        state["data_stream"]["seed"] = value
+    elif field == "groups":
+        state["_trainer"]["optimizer"]["param_groups"] *= value
+    else:
+        state["_trainer"]["optimizer"]["param_groups"][0][field] = value
+    with pytest.raises(CheckpointLoadError) as info:
+        validate_trainer_state(state, "ckpt.pth", optimizer)
+    assert str(info.value).startswith(f"ckpt.pth: {words}; the file is corrupted")
+
+
+@pytest.mark.slow
+def test_resume_refuses_breaking_changes_before_writing_and_applies_the_lr(tmp_path):
+    json_file, image_root = write_tiny_coco(tmp_path / "data", num_images=4)
+    out = tmp_path / "out"
+    run_train_net(json_file, image_root, tiny_opts(out, max_iter=2, checkpoint_period=1))
+    config_yaml = (out / "config.yaml").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    changed = tiny_opts(out, max_iter=3) + ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.ACM.VARIANT", "PX"]
+    proc = subprocess.run(train_net_command(json_file, image_root, changed, "--resume"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"--resume from {out / 'model_final.pth'}: the config differs from the one the checkpoint was trained with in 2 setting(s)" in proc.stderr
+    assert "  MODEL.ACM.VARIANT: checkpoint 'P(X+(K-Q))', now 'PX'\n  MODEL.ROI_HEADS.NUM_CLASSES: checkpoint 2, now 3" in proc.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # config.yaml, log.txt, checkpoints
+    assert (out / "config.yaml").read_text() == config_yaml
+    with open(out / "metrics.json", "a") as f:  # as if the interrupted run had logged iterations after its checkpoint
+        f.write(json.dumps({"iteration": 5, "total_loss": 9.0}) + "\n")
+    # LR and schedule changed: applied from the resumed iteration on, and said so
+    lr = run_train_net(json_file, image_root, tiny_opts(out, max_iter=3) + ["SOLVER.BASE_LR", "0.004"], "--resume")
+    assert "--resume with a changed SOLVER.BASE_LR: checkpoint" in lr.stderr and "now 0.004 (applied" in lr.stderr
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["trainer"]["hooks"]["LRScheduler"]["base_lrs"][0] == 0.004
+    assert final["trainer"]["iteration"] == 2
+    assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [1, 2]  # each iteration once
+    assert load_model_weights(out / "model_final.pth")
