@@ -92,6 +92,10 @@ def add_acm_config(cfg) -> None:
 
     add_evaluation_config(cfg)
 
+    # Issue 18: accept COCO image files that resolve outside their image_root (an absolute
+    # file_name, "..", a symlink); False refuses them at registration, naming the file.
+    cfg.DATASETS.COCO_ALLOW_OUTSIDE_ROOT = False
+
 
 def check_registered_names(cfg) -> None:
     """Raise ValueError if MODEL.META_ARCHITECTURE or MODEL.BACKBONE.NAME names nothing

@@ -25,9 +25,9 @@ from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils.logger import setup_logger
 
 from acm_d2 import __version__, get_acm_cfg
-from acm_d2.data import check_num_classes, register_coco_format_dataset
+from acm_d2.data import check_num_classes, check_same_categories, register_coco_format_dataset
 from acm_d2.evaluation import build_coco_evaluator
-from acm_d2.engine import SafeCheckpointer, ResumableTrainer, launch
+from acm_d2.engine import SafeCheckpointer, ResumableTrainer, launch, prepare_output_dir
 
 
 class Trainer(ResumableTrainer):
@@ -65,7 +65,7 @@ def register_datasets(cfg, args) -> None:
             raise ValueError(
                 f"DATASETS.COCO_INSTANCES entries are [name, json_file, image_root]; got {list(entry)!r}"
             )
-        register_coco_format_dataset(*entry)
+        register_coco_format_dataset(*entry, allow_outside_root=cfg.DATASETS.COCO_ALLOW_OUTSIDE_ROOT)
 
 
 def setup(args):
@@ -73,6 +73,9 @@ def setup(args):
     set-up; acm-d2's own log lines go to the same log as Detectron2's."""
     cfg = get_acm_cfg(args.config_file, args.opts)
     cfg.freeze()
+    # Lock OUTPUT_DIR, refuse an overwrite or a resume with a breaking config change: before
+    # default_setup writes config.yaml (see acm_d2.engine.run_dir).
+    prepare_output_dir(cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2", abbrev_name="acm_d2")
     register_datasets(cfg, args)  # after the loggers: its log lines (what was registered) reach log.txt
@@ -84,6 +87,7 @@ def main(args):
 
     if args.eval_only:
         check_num_classes(cfg, cfg.DATASETS.TEST)
+        check_same_categories(cfg)
         model = Trainer.build_model(cfg)
         # Every parameter must come from the checkpoint: no random heads are evaluated.
         checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_complete=True)
@@ -111,6 +115,10 @@ def argument_parser():
     """Detectron2's default argument parser plus ``--register-coco`` and ``--version``."""
     parser = default_argument_parser()
     parser.add_argument("--version", action="version", version=f"acm-d2 {__version__}")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in an OUTPUT_DIR that holds an earlier run's checkpoints (they are moved into OUTPUT_DIR/previous_runs/)",
+    )
     parser.add_argument(
         "--register-coco",
         nargs=3,
