@@ -283,3 +283,55 @@ def test_a_module_of_your_own_is_placed_by_config():
         CONTEXT_MODULE_REGISTRY._obj_map.pop("ChannelScale")
     with pytest.raises(ValueError, match=re.escape("PLACEMENT must be one of ['residual', 'after_block'], got None")):
         CONTEXT_MODULE_REGISTRY.register(type("NoPlacement", (nn.Module,), {"CONFIG_KEYS": {}}))
+
+
+def _synthetic_trainer(output_dir, module, resume=False):
+    """The built-in tiny data's config with ``module``, 2 iterations, a checkpoint after each."""
+    from acm_d2.data import ensure_synthetic_dataset
+    from acm_d2.engine import ResumableTrainer
+
+    ensure_synthetic_dataset("acm_synthetic_tiny_train")
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0",
+                  "MODEL.META_ARCHITECTURE", "GeneralizedRCNN", "DATASETS.TRAIN", "('acm_synthetic_tiny_train',)",
+                  "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                  "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()",
+                  "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "3", "OUTPUT_DIR", str(output_dir))
+    trainer = ResumableTrainer(cfg)
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("module", ["NL", "CC", "GC", "CBAM"])
+def test_peer_trains_and_resumes_to_the_uninterrupted_weights(module, tmp_path):
+    straight = tmp_path / "straight"
+    _synthetic_trainer(straight, module)
+    first = torch.load(straight / "model_0000000.pth", weights_only=True)["model"]
+    final = torch.load(straight / "model_final.pth", weights_only=True)["model"]
+    peer_keys = [k for k in final if ".context" in k]
+    assert peer_keys and any(not torch.equal(first[k], final[k]) for k in peer_keys)  # the peer learns
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "model_0000000.pth").write_bytes((straight / "model_0000000.pth").read_bytes())
+    (resumed / "last_checkpoint").write_text("model_0000000.pth")
+    assert _synthetic_trainer(resumed, module, resume=True).start_iter == 1
+    again = torch.load(resumed / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_lazy_config_takes_any_peer():
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load("configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py")
+    # on the command line, a new module's options replace ACM's whole dict
+    cfg = LazyConfig.apply_overrides(cfg, ["model.backbone.bottom_up.context_module=GC",
+                                           "model.backbone.bottom_up.module_options=null"])
+    cfg.model.backbone.bottom_up.module_options = {"ratio": 0.0625}
+    found = context_modules(instantiate(cfg.model.backbone.bottom_up))
+    assert len(found) == 13 and all(m.transform[0].out_channels == m.channels // 16 for m in found.values())
+    cfg.model.backbone.bottom_up.context_module = "NL"
+    cfg.model.backbone.bottom_up.module_options = {"reduction": 4}
+    cfg.model.backbone.bottom_up.after_blocks = ["res4.-2", "res5.0"]
+    found = context_modules(instantiate(cfg.model.backbone.bottom_up))
+    assert list(found) == ["res4.4.context_after", "res5.0.context_after"]
+    assert [m.inner_channels for m in found.values()] == [256, 512]
