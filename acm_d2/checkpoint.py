@@ -1,5 +1,8 @@
 """Reading checkpoint files without running code stored in them.
 
+Model-zoo ``.pkl`` files are read by :func:`load_model_zoo_pickle`, an unpickler that admits
+only numpy arrays and scalars, dicts, lists, numbers and strings.
+
 :func:`safe_torch_load` is the one function through which every ``.pth`` (and any other
 non-``.pkl``) file is read, by :class:`acm_d2.engine.SafeCheckpointer` (and so
 ``tools/train_net.py`` and every tool) and by :func:`load_checkpoint_file`: it uses
@@ -22,6 +25,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "extract_state_dict",
     "load_checkpoint_file",
+    "load_model_zoo_pickle",
     "safe_torch_load",
 ]
 
@@ -145,6 +149,70 @@ def safe_torch_load(path: str, mmap: bool = False):
         raise CheckpointLoadError(_unreadable_message(path, e)) from e
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
         raise CheckpointLoadError(_unreadable_message(path, e)) from e
+
+
+# What Detectron2's and Caffe2's model-zoo .pkl files hold: dicts, lists, numbers, strings and
+# numpy arrays and scalars. A pickle names every class or function it calls; only these load.
+_MODEL_ZOO_GLOBALS = frozenset(
+    [
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),  # ndarray.__reduce__ (numpy 1)
+        ("numpy._core.multiarray", "_reconstruct"),  # (numpy 2)
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in protocol 2 pickles
+        ("collections", "OrderedDict"),
+    ]
+)
+
+
+class _ModelZooUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what model-zoo weight files contain (see
+    :data:`_MODEL_ZOO_GLOBALS`); any other class or function is refused, never called."""
+
+    def __init__(self, file, source: str):
+        super().__init__(file, encoding="latin1")  # Caffe2's files are Python 2 pickles
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _MODEL_ZOO_GLOBALS:
+            message = (
+                f"Refusing to load {self.source}: the pickle wants to load {module}.{name}, which a Detectron2 / "
+                f"Caffe2 model-zoo .pkl never holds (only numpy arrays, dicts, lists, numbers, strings); "
+                f"unpickling it could run code. Use weights from Detectron2's model zoo or a .pth file; if "
+                f"the file was downloaded (iopath caches downloads under ~/.torch/iopath_cache by URL "
+                f"path), delete the cached copy."
+            )
+            logger.error(message)
+            raise UnsafeCheckpointError(message)
+        if module.startswith("numpy._core"):  # a numpy 2 pickle read with numpy 1
+            try:
+                return super().find_class(module, name)
+            except ImportError:
+                module = "numpy.core" + module[len("numpy._core"):]
+        return super().find_class(module, name)
+
+
+def load_model_zoo_pickle(file, source: str):
+    """Unpickle a model-zoo ``.pkl`` from the open binary ``file`` without running code.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names anything but the numpy and builtin types of
+            :data:`_MODEL_ZOO_GLOBALS`; the message names ``source`` and the class.
+        CheckpointLoadError: it is not a pickle, or is truncated.
+    """
+    try:
+        return _ModelZooUnpickler(file, source).load()
+    except UnsafeCheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, AttributeError, TypeError, ValueError, ImportError, IndexError, KeyError) as e:
+        raise CheckpointLoadError(
+            f"{source}: not a Detectron2 / Caffe2 model-zoo .pkl file ({type(e).__name__}: {e}); it may be "
+            f"truncated or in another format"
+        ) from e
 
 
 def _first_line(error: BaseException) -> str:

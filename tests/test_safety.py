@@ -1,4 +1,4 @@
-"""No file read by acm-d2 runs code (except .pkl weights named explicitly, with a warning),
+"""No file read by acm-d2 runs code (.pkl weights through a restricted unpickler),
 --resume loads only checkpoints of OUTPUT_DIR, a full disk and a diverging RPN say so, and
 the number of classes must fit the datasets."""
 import errno
@@ -90,16 +90,38 @@ def test_pycls_pyth_loads_safely(tmp_path):
         SafeCheckpointer(target).load(str(tmp_path / "other.pyth"))
 
 
-def test_explicit_pkl_loads_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_model_zoo_pkl_loads_without_running_code(tmp_path, protocol):
     model = _model()
-    path = tmp_path / "zoo.pkl"
-    with open(path, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "me"}, f)
-    target = _model()
-    with caplog.at_level(logging.WARNING):
+    arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    zoo, caffe2 = tmp_path / "zoo.pkl", tmp_path / "caffe2.pkl"
+    zoo.write_bytes(pickle.dumps({"model": arrays, "__author__": "me", "step": [1, 2.0, "x"]}, protocol=protocol))
+    caffe2.write_bytes(pickle.dumps({"blobs": dict(arrays, **{"0.weight_momentum": arrays["0.weight"]})}, protocol=protocol))
+    for path in (zoo, caffe2):
+        target = _model()
         SafeCheckpointer(target).load(str(path))
-    assert f"Loading {path} with pickle" in caplog.text and "only from sources you trust" in caplog.text
-    assert all(torch.equal(v, target.state_dict()[k]) for k, v in model.state_dict().items())
+        assert all(torch.equal(v, target.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_pkl_with_anything_else_is_refused_naming_the_class(tmp_path, monkeypatch):
+    """Also where iopath serves it from its download cache (a planted file under the path of
+    detectron2://ImageNetPretrained/MSRA/R-50.pkl)."""
+    from iopath.common.file_io import PathManager as PathManagerBase
+    from detectron2.utils.file_io import PathManager
+
+    cache = tmp_path / "iopath_cache" / "detectron2" / "ImageNetPretrained" / "MSRA"
+    cache.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    planted = cache / "R-50.pkl"
+    planted.write_bytes(pickle.dumps({"model": {"0.weight": _Payload(marker)}, "__author__": "x"}, protocol=2))
+    monkeypatch.setattr(type(PathManager), "get_local_path", lambda self, path, **kw: str(planted) if "://" in path else path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        SafeCheckpointer(_model()).load("detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+    assert str(info.value).startswith(f"Refusing to load {planted}: the pickle wants to load io.open, which a Detectron2 / Caffe2 model-zoo .pkl never holds")
+    assert not marker.exists()
+    (tmp_path / "text.pkl").write_text("not a pickle")
+    with pytest.raises(CheckpointLoadError, match="text.pkl: not a Detectron2 / Caffe2 model-zoo .pkl file"):
+        SafeCheckpointer(_model()).load(str(tmp_path / "text.pkl"))
 
 
 # ------------------------------------------------------------- --resume follows last_checkpoint

@@ -5,9 +5,9 @@
 * every file that is not a ``.pkl`` (``.pth``, ``.pyth``, any other name) loads with
   :func:`acm_d2.checkpoint.safe_torch_load` (``torch.load(..., weights_only=True)``): no
   code stored in a file runs, also with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set. ``.pkl``
-  model-zoo files named explicitly (``MODEL.WEIGHTS``, ``load(path)``) still go through
-  Detectron2's own pickle reader, with a warning: unpickling a ``.pkl`` runs code, so use
-  ``.pkl`` files from trusted sources only.
+  model-zoo files (``MODEL.WEIGHTS``, ``load(path)``, downloaded or from iopath's cache) are
+  read by :func:`acm_d2.checkpoint.load_model_zoo_pickle`, which admits only numpy arrays,
+  dicts, lists, numbers and strings, then interpreted as Detectron2's and Caffe2's formats.
 * ``--resume`` (``resume_or_load(..., resume=True)``) loads only what ``last_checkpoint``
   names if that is the plain file name of a ``.pth`` file in ``save_dir``; anything else (a
   path, a ``.pkl``) raises :class:`acm_d2.checkpoint.CheckpointLoadError`.
@@ -33,7 +33,6 @@
 import errno
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from typing import Any, Callable, List, Optional, Tuple
@@ -41,7 +40,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoint import CheckpointLoadError, safe_torch_load
+from ..checkpoint import CheckpointLoadError, load_model_zoo_pickle, safe_torch_load
 from ..modeling import ACM, SqueezeExcitation
 
 __all__ = ["SafeCheckpointer", "ACMShapeMismatchError", "CheckpointLoadError", "CheckpointSaveError", "atomic_write"]
@@ -235,21 +234,20 @@ class SafeCheckpointer(DetectionCheckpointer):
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str):
-        if filename.endswith(".pkl"):
-            # Detectron2's reader of its model-zoo and Caffe2 .pkl formats (this unpickles).
-            self.logger.warning(
-                "Loading %s with pickle: .pkl is Detectron2's / Caffe2's model-zoo format, and "
-                "unpickling runs any code stored in the file. Load .pkl files only from sources you "
-                "trust (Detectron2's model zoo, your own conversions).",
-                filename,
-            )
-            try:
-                loaded = super()._load_file(filename)
-            except (pickle.UnpicklingError, EOFError, UnicodeDecodeError, AttributeError, TypeError, ImportError) as e:
-                raise CheckpointLoadError(
-                    f"{filename}: not a Detectron2 / Caffe2 model-zoo .pkl file ({type(e).__name__}: {e}). "
-                    f"The file may be truncated ({os.path.getsize(filename)} bytes) or in another format."
-                ) from e
+        if filename.endswith(".pkl"):  # Detectron2's and Caffe2's model-zoo formats, unpickled safely
+            with self.path_manager.open(filename, "rb") as f:
+                data = load_model_zoo_pickle(f, filename)
+            if not isinstance(data, dict):
+                raise CheckpointLoadError(f"{filename}: a model-zoo .pkl holds a dict, this one a {type(data).__name__}")
+            if "model" in data and "__author__" in data:  # Detectron2's model zoo
+                self.logger.info("Reading a file from '%s'", data["__author__"])
+                loaded = data
+            else:  # Caffe2 / Detectron1: a dict of blobs (detection models: under "blobs")
+                blobs = data.get("blobs", data)
+                if not isinstance(blobs, dict):
+                    raise CheckpointLoadError(f"{filename}: the Caffe2 blobs are a {type(blobs).__name__}, not a dict")
+                model = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
+                loaded = {"model": model, "__author__": "Caffe2", "matching_heuristics": True}
         elif filename.endswith(".pyth"):  # pycls checkpoints, read as Detectron2 does but safely
             loaded = safe_torch_load(filename)
             if not isinstance(loaded, dict) or not isinstance(loaded.get("model_state"), dict):
