@@ -42,9 +42,13 @@ dtype (like the authors' convs under autocast); the poolings widen X to float32 
 copy, tile by tile for channels_last), and the softmax, the pooled vectors, P and every
 reduction are float32 (float64 for float64 X).
 
-Under ``torch.jit.script``, ``torch.jit.trace``, ``torch.export`` and ``torch.compile`` the
-same equations run as plain differentiable PyTorch ops (:func:`attend_and_compare_ops`), which
-these tools can record.
+Under ``torch.jit.script``, ``torch.export`` and ``torch.compile`` the same equations run as
+plain differentiable PyTorch ops (:func:`attend_and_compare_ops`), which these tools can
+record. ``torch.jit.trace`` (and so Detectron2's tracing and ONNX export) records the fused
+no-grad path itself for contiguous X (out-of-place where autograd needs it), so that traced
+and eager inference outputs are equal; it records the plain ops for channels_last X (whose
+tiling loops would be unrolled for the traced size). The plain ops and the fused path
+compute the same numbers up to float rounding (about 1e-6 relative per module in float32).
 """
 from typing import List, Optional, Tuple
 
@@ -124,8 +128,8 @@ def attend_and_compare(
         for the variants without K or Q.
 
     The fused autograd Function :class:`ACMFunction` runs when a gradient is needed, a fused
-    no-grad path otherwise, and :func:`attend_and_compare_ops` under scripting, tracing,
-    ``torch.export`` and ``torch.compile``.
+    no-grad path otherwise (also under ``torch.jit.trace`` for contiguous X), and
+    :func:`attend_and_compare_ops` under scripting, ``torch.export`` and ``torch.compile``.
     """
     if torch.jit.is_scripting():
         return attend_and_compare_ops(x, kq_weight, gate1_weight, gate1_bias, gate2_weight, gate2_bias, groups, variant)
@@ -137,11 +141,14 @@ def _dispatch(x, kq_weight, w1, b1, w2, b2, groups: int, variant: str) -> Tuple[
     """The eager paths (see :func:`attend_and_compare`)."""
     _check_arguments(x, kq_weight, w1, groups, variant)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        tracing = torch.jit.is_tracing()
+        if torch.compiler.is_compiling() or (tracing and _channels_last(x)):
             return attend_and_compare_ops(x, kq_weight, w1, b1, w2, b2, groups, variant)
         tensors = [t for t in (x, kq_weight, w1, b1, w2, b2) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if not tracing and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return ACMFunction.apply(x, kq_weight, w1, b1, w2, b2, groups, variant)
+        # Also under torch.jit.trace (ONNX export) for contiguous X: the tracer records the ops
+        # eager inference runs, so traced and eager outputs are equal (and differentiable).
         y, orthogonality, _ = _forward(x, kq_weight, w1, b1, w2, b2, groups, variant, False)
         return y, orthogonality
 
@@ -339,7 +346,8 @@ def _forward(x, kq_weight, w1, b1, w2, b2, groups: int, variant: str, for_backwa
         rows = torch.cat([weight, weight.new_zeros(groups, 1, cg)], dim=1)  # (G, M+1, C/G)
         logits = _products(x, rows, None, groups).to(cd)  # (NG, M+1, HW)
         peak = logits.amax(dim=-1, keepdim=True)
-        weights = logits.sub_(peak).exp_()
+        # (out of place, same values, when traced: a trace may be run with gradients, and amax needs the logits)
+        weights = torch.exp(logits - peak) if torch.jit.is_tracing() else logits.sub_(peak).exp_()
         total = weights.sum(dim=-1, keepdim=True)  # (NG, M+1, 1)
         if for_backward:
             log_sum_exp = (peak + total.log())[:, :m]

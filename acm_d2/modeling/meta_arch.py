@@ -90,7 +90,7 @@ class ACMOrthLossMixin:
     def _acm_block_names(self) -> Dict[nn.Module, str]:
         return {module: name for name, module in acm_modules(self, qualified=True).items()}
 
-    @torch.jit.unused  # TorchScript exports script ``inference``; the recorder is Python
+    @torch.jit.unused  # scripting compiles the meta-architecture (see __prepare_scriptable__)
     def forward(self, batched_inputs):
         """The meta-architecture's forward; in training, its loss dict plus ``loss_acm_orth``."""
         if not self.training or self.orth_loss_weight == 0:
@@ -105,6 +105,33 @@ class ACMOrthLossMixin:
             )
         losses[LOSS_KEY] = acm_orth_loss(recorder.calls, self._acm_block_names(), self.orth_loss_weight, self.orth_loss_modules)
         return losses
+
+    def __prepare_scriptable__(self):
+        """What ``torch.jit.script`` compiles in place of this model: the same model (shared
+        submodules, parameters and buffers) as an instance of the meta-architecture after the
+        mixin, because the loss is computed in Python (the recorder) and TorchScript cannot
+        compile ``super()``. The scripted model is then exactly the meta-architecture's, with
+        its ``inference`` (Detectron2's ``scripting_with_instances(model, fields)``, and
+        ``export_model.py --export-method scripting``).
+
+        The class of that view is a subclass of the meta-architecture made for it, which takes
+        this class's annotation of ``training`` (``torch.jit.Final[bool]`` under Detectron2's
+        ``freeze_training_mode``, so that the training branch is compiled away)."""
+        meta_arch = next(b for b in type(self).__mro__[1:] if "forward" in vars(b) and not issubclass(b, ACMOrthLossMixin))
+        scriptable = _SCRIPTABLE_CLASSES.get(meta_arch)
+        if scriptable is None:
+            scriptable = type(meta_arch.__name__, (meta_arch,), {"__module__": __name__, "__annotations__": {}})
+            _SCRIPTABLE_CLASSES[meta_arch] = scriptable
+        scriptable.__annotations__["training"] = type(self).__annotations__.get("training", bool)
+        view = scriptable.__new__(scriptable)
+        view.__dict__.update(self.__dict__)
+        view.__dict__["_modules"] = type(self._modules)(self._modules)  # torch replaces prepared children in it
+        return view
+
+
+#: The classes of the views that :meth:`ACMOrthLossMixin.__prepare_scriptable__` hands to
+#: TorchScript, one per meta-architecture.
+_SCRIPTABLE_CLASSES: Dict[type, type] = {}
 
 
 def with_acm_orth_loss(meta_architecture: type) -> type:
