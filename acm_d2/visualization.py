@@ -32,7 +32,7 @@ from torch import nn
 
 from .modeling.acm import ACM
 from .modeling.recorder import ACMRecorder
-from .modeling.resnet import acm_modules
+from .modeling.resnet import acm_modules, context_modules
 
 __all__ = [
     "ImageAttention",
@@ -42,7 +42,10 @@ __all__ = [
     "dataset_images",
     "kq_cosine",
     "mask_overlap",
+    "PositionAttention",
     "maps_to_image",
+    "position_attention_on_image",
+    "position_attention_picture",
     "rank_modules",
     "summarize_attention",
 ]
@@ -316,3 +319,77 @@ def summarize_attention(results: Sequence[ImageAttention], block: str, groups: i
         f"mean over modules: {summary['mean_abs_cosine_kq_all_modules']:.4f} (paper: 0.1113 with lambda 0, 0.0394 with 0.1)"
     )
     return summary, lines
+
+
+@dataclass
+class PositionAttention:
+    """Where the context modules with position maps (NL, CC, GC, CBAM) look, for one position.
+
+    Attributes:
+        image_size, input_size, padded_size: as :class:`ImageAttention`.
+        position: (x, y) in image pixels, the position asked about.
+        maps: module path ("res4.4.context_after") -> (h_f, w_f) float32 map on CPU: NL the
+            softmax row of the feature position under ``position``; CC its first pass's row
+            and column weights; GC its pooling weights; CBAM its spatial gate (the last two
+            are the same for every position).
+        feature_positions: module path -> (row, col) of ``position`` on its feature map.
+    """
+
+    image_size: Tuple[int, int]
+    input_size: Tuple[int, int]
+    padded_size: Tuple[int, int]
+    position: Tuple[float, float]
+    maps: "OrderedDict[str, torch.Tensor]" = field(default_factory=OrderedDict)
+    feature_positions: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def position_attention_on_image(
+    model: nn.Module, image: np.ndarray, position: Tuple[float, float], augmentation=None, input_format: str = "BGR"
+) -> PositionAttention:
+    """Run the backbone of ``model`` on one BGR uint8 image (H, W, 3) and return, for every
+    context module that has ``attention_of_position``, its map for the image position
+    ``position`` = (x, y) in pixels (see :class:`PositionAttention`)."""
+    from detectron2.data import transforms as T
+
+    if isinstance(augmentation, (list, tuple)):
+        augmentation = T.AugmentationList(list(augmentation))
+    height, width = image.shape[:2]
+    if not (0 <= position[0] < width and 0 <= position[1] < height):
+        raise ValueError(f"position (x, y) = {tuple(position)} is outside the image of {width} x {height} pixels")
+    tensor = _to_model_input(image, augmentation, input_format)
+    was_training = model.training
+    model.eval()
+    try:
+        with ACMRecorder() as recorder:
+            images = model.preprocess_image([{"image": tensor, "height": height, "width": width}])
+            model.backbone(images.tensor)
+    finally:
+        model.train(was_training)
+    inputs = {call.module: call.input for call in recorder.calls}
+    input_size = tuple(int(s) for s in tensor.shape[-2:])
+    result = PositionAttention((height, width), input_size, tuple(int(s) for s in images.tensor.shape[-2:]), tuple(position))
+    for name, module in context_modules(model).items():
+        if module not in inputs or not hasattr(module, "attention_of_position"):
+            continue
+        x = inputs[module]
+        h_f, w_f = x.shape[-2:]
+        # image pixel -> model input pixel -> feature cell (the padding is at the bottom / right)
+        row = min(h_f - 1, int(position[1] * input_size[0] / height * h_f / result.padded_size[0]))
+        col = min(w_f - 1, int(position[0] * input_size[1] / width * w_f / result.padded_size[1]))
+        result.maps[name] = module.attention_of_position(x, row, col)[0].float().cpu()
+        result.feature_positions[name] = (row, col)
+    return result
+
+
+def position_attention_picture(image: np.ndarray, attention: PositionAttention, block: str, alpha: float = 0.5) -> np.ndarray:
+    """The map of module ``block`` over the image (BGR uint8, the image's size), scaled to its
+    maximum, JET colours, with the asked position marked by a white cross."""
+    heat = maps_to_image(attention.maps[block], attention.padded_size, attention.input_size, attention.image_size).numpy()
+    heat = heat / max(float(heat.max()), 1e-12)
+    colour = cv2.applyColorMap(np.clip(heat * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    picture = cv2.addWeighted(image, 1.0 - alpha, colour, alpha, 0.0)
+    x, y = (int(round(v)) for v in attention.position)
+    size = max(3, min(image.shape[:2]) // 20)
+    cv2.drawMarker(picture, (x, y), (255, 255, 255), cv2.MARKER_CROSS, size, 1)
+    return picture

@@ -335,3 +335,53 @@ def test_lazy_config_takes_any_peer():
     found = context_modules(instantiate(cfg.model.backbone.bottom_up))
     assert list(found) == ["res4.4.context_after", "res5.0.context_after"]
     assert [m.inner_channels for m in found.values()] == [256, 512]
+
+
+def test_attention_of_a_position():
+    x = torch.randn(2, 16, 4, 5)
+    nl = randomised(NonLocalBlock(16)).float()
+    torch.testing.assert_close(nl.attention_of_position(x, 2, 3), nl.attention(x)[:, 2 * 5 + 3].view(2, 4, 5))
+    cc = randomised(CrissCrossAttention(16)).float()
+    maps = cc.attention_of_position(x, 1, 2)
+    assert torch.all(maps[:, [0, 2, 3]][:, :, [0, 1, 3, 4]] == 0)  # only row 1 and column 2
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(2))
+    cbam = CBAM(16).eval()
+    assert ((cbam.attention_of_position(x, 0, 0) > 0) & (cbam.attention_of_position(x, 0, 0) < 1)).all()
+
+
+@pytest.mark.parametrize("module", ["NL", "CC", "GC"])
+def test_position_pictures_of_a_peer_model(module, tmp_path):
+    import subprocess
+    import sys
+
+    import cv2
+    import numpy as np
+
+    from acm_d2.visualization import position_attention_on_image
+
+    opts = ["MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0", "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
+            "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96"]
+    model = build_model(acm_cfg(TINY, *opts))
+    for m in context_modules(model).values():
+        randomised(m).float()
+    image = np.random.default_rng(0).integers(0, 256, size=(48, 72, 3), dtype=np.uint8)
+    from detectron2.data import transforms as T
+
+    attention = position_attention_on_image(model, image, (60.0, 10.0), [T.ResizeShortestEdge(64, 96)])
+    name = "res4.0.context_after" if module in ("NL", "CC") else "res5.1.context"
+    assert name in attention.maps
+    stride = 16 if module in ("NL", "CC") else 32  # res4, res5; the image is resized 48 -> 64 px high
+    assert attention.feature_positions[name] == (int(10 * 64 / 48 / stride), int(60 * 96 / 72 / stride))
+    torch.testing.assert_close(attention.maps[name].sum(), torch.tensor(1.0))
+    if module != "NL":
+        return
+    # the tool, as a user runs it (random weights: only the pictures' existence and sizes are checked)
+    path = tmp_path / "street.png"
+    cv2.imwrite(str(path), image)
+    done = subprocess.run([sys.executable, "tools/visualize_attention.py", "--config-file", TINY, "--input", str(path),
+                           "--output", str(tmp_path / "out"), "--position", "60", "10", "--opts", *opts],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    picture = cv2.imread(str(tmp_path / "out" / "street_res4.0.context_after_attention.png"))
+    assert picture.shape == (48, 72, 3)
+    assert np.load(tmp_path / "out" / "street_res4.0.context_after_map.npy").shape == (4, 6)

@@ -20,6 +20,7 @@ from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
 from .context import CONTEXT_MODULE_REGISTRY
+from .recorder import report_acm_call
 
 __all__ = ["CBAM"]
 
@@ -72,7 +73,14 @@ class CBAM(nn.Module):
         pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)  # (N, 2, H, W)
         return torch.sigmoid(self.spatial(pooled))
 
+    def attention_of_position(self, x: torch.Tensor, row: int, col: int) -> torch.Tensor:
+        """x (N, C, H, W) -> (N, H, W): the spatial gate M_s (values in (0, 1)), the same for
+        every position."""
+        return self.spatial_gate(x * self.channel_gate(x))[:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> (N, C, H, W)."""
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            report_acm_call(self, x, None)  # its input, for the attention pictures (acm_d2.visualization)
         refined = x * self.channel_gate(x)  # (N, C, H, W)
         return refined * self.spatial_gate(refined)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .context import CONTEXT_MODULE_REGISTRY
+from .recorder import report_acm_call
 
 __all__ = ["CrissCrossAttention"]
 
@@ -72,6 +73,16 @@ class CrissCrossAttention(nn.Module):
             row = torch.einsum("ncij,ncik->nijk", query, key)  # (N, H, W, W): pixel (i, j) and (i, k)
             return torch.softmax(torch.cat([column, row], dim=-1), dim=-1)
 
+    def attention_of_position(self, x: torch.Tensor, row: int, col: int) -> torch.Tensor:
+        """x (N, C, H, W) -> (N, H, W): the weights of the first criss-cross pass with which the
+        pixel (row, col) gathers V, on its row and column (zero elsewhere); they sum to 1."""
+        h, w = x.shape[2:]
+        attention = self.attention(x)[:, row, col]  # (N, H + W)
+        maps = attention.new_zeros(x.shape[0], h, w)
+        maps[:, :, col] = attention[:, :h]
+        maps[:, row, :] += attention[:, h:]
+        return maps
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """One criss-cross attention: x (N, C, H, W) -> gamma * sum_v A V_v + x."""
         h, w = x.shape[2:]
@@ -85,6 +96,8 @@ class CrissCrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> the attention applied ``recurrence`` times, (N, C, H, W)."""
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            report_acm_call(self, x, None)  # its input, for the attention pictures (acm_d2.visualization)
         for _ in range(self.recurrence):
             x = self.attend(x)
         return x

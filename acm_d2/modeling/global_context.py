@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .context import CONTEXT_MODULE_REGISTRY
+from .recorder import report_acm_call
 
 __all__ = ["GlobalContextBlock"]
 
@@ -71,8 +72,14 @@ class GlobalContextBlock(nn.Module):
         logits = self.attention_logits(x).view(n, 1, h * w)  # (N, 1, HW)
         return torch.softmax(logits.to(wide), dim=-1).view(n, 1, h, w)
 
+    def attention_of_position(self, x: torch.Tensor, row: int, col: int) -> torch.Tensor:
+        """x (N, C, H, W) -> (N, H, W): the pooling weights a, the same for every position."""
+        return self.attention(x)[:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> X + t, (N, C, H, W)."""
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            report_acm_call(self, x, None)  # its input, for the attention pictures (acm_d2.visualization)
         n, c, h, w = x.shape
         weights = self.attention(x).view(n, h * w, 1).to(x.dtype)  # (N, HW, 1)
         context = torch.bmm(x.reshape(n, c, h * w), weights).view(n, c, 1, 1)  # (N, C, 1, 1)

@@ -22,6 +22,7 @@ from detectron2.layers import Conv2d, get_norm
 from torch import nn
 
 from .context import CONTEXT_MODULE_REGISTRY
+from .recorder import report_acm_call
 
 __all__ = ["NonLocalBlock"]
 
@@ -83,8 +84,16 @@ class NonLocalBlock(nn.Module):
             energy = torch.bmm(theta.to(wide).transpose(1, 2), phi.to(wide))  # (N, HW, HW)
             return torch.softmax(energy * self.inner_channels ** -0.5, dim=-1)
 
+    def attention_of_position(self, x: torch.Tensor, row: int, col: int) -> torch.Tensor:
+        """x (N, C, H, W) -> (N, H, W): the weights f(u, .) with which the position u = (row,
+        col) gathers g; they sum to 1."""
+        n, _, h, w = x.shape
+        return self.attention(x)[:, row * w + col].view(n, h, w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> X + W_z y, (N, C, H, W)."""
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            report_acm_call(self, x, None)  # its input, for the attention pictures (acm_d2.visualization)
         n, _, h, w = x.shape
         attention = self.attention(x)  # (N, HW, HW)
         g = self.g(x).flatten(2)  # (N, C', HW)

@@ -1,4 +1,5 @@
-"""What the ACM modules computed during one forward pass, for whoever asked for it.
+"""What the ACM modules (and the other context modules) computed during one forward pass,
+for whoever asked for it.
 
 The orthogonality term of an ACM module, (K . Q) / C per sample, is computed inside the
 module, but the loss it feeds is returned by the meta-architecture, several calls up. In
@@ -9,6 +10,9 @@ the same:
     with ACMRecorder() as recorder:      # opened by the caller (the meta-architecture)
         outputs = model(batched_inputs)  # every ACM.forward calls report_acm_call(...)
     recorder.calls                       # [ACMCall(module, input, orthogonality), ...]
+
+The peers (NL, CC, GC, CBAM) report their input too (with no orthogonality term), for the
+attention pictures of :mod:`acm_d2.visualization`; the loss takes only ACM's calls.
 
 Nothing is stored on any module: the calls live in the recorder, which lives as long as the
 caller keeps it. Outside a ``with ACMRecorder()`` block, ``report_acm_call`` does nothing.
