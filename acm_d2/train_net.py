@@ -27,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 from acm_d2 import __version__, get_acm_cfg
 from acm_d2.data import check_num_classes, check_same_categories, register_coco_format_dataset
 from acm_d2.evaluation import build_coco_evaluator
+from acm_d2.model_zoo import resolve_config_file
 from acm_d2.engine import SafeCheckpointer, ResumableTrainer, launch, prepare_output_dir
 
 
@@ -71,6 +72,7 @@ def register_datasets(cfg, args) -> None:
 def setup(args):
     """Create the config (YAML read safely), register the datasets and do Detectron2's basic
     set-up; acm-d2's own log lines go to the same log as Detectron2's."""
+    args.config_file = resolve_config_file(args.config_file)  # acm_d2://NAME: a config of the package
     cfg = get_acm_cfg(args.config_file, args.opts)
     cfg.freeze()
     # Lock OUTPUT_DIR, refuse an overwrite or a resume with a breaking config change: before
