@@ -102,7 +102,7 @@ def test_library_maps_cosine_and_overlap():
     x = torch.randn(2, module.channels, 6, 5)
     reference = ReferenceACM(module.channels, module.groups)
     reference.load_state_dict({k[len("module."):]: v for k, v in to_official_state_dict(
-        {f"acm.{k}": v for k, v in module.state_dict().items()}).items()})  # zero map biases: exact
+        {f"context.{k}": v for k, v in module.state_dict().items()}).items()})  # zero map biases: exact
     mu = x.mean(dim=(2, 3), keepdim=True)
     k = reference.add_mod(x - mu).flatten(1)
     q = reference.sub_mod(x - mu).flatten(1)
