@@ -13,6 +13,13 @@ count ACM's operations (:mod:`acm_d2.modeling.flops`), and then runs the script 
 ``python SCRIPT ARGS`` would. LazyConfig scripts (``lazyconfig_train_net.py``) need none of
 this; the ACM LazyConfigs import acm_d2 themselves.
 
+Config files can be named ``acm_d2://NAME`` (a config shipped with acm-d2, see
+:mod:`acm_d2.model_zoo`). ``deploy/export_model.py --format onnx --export-method tracing``
+calls ``torch.onnx.export(model, args, f)``, which traced the model with TorchScript when it
+was written; since torch 2.9 that call defaults to ``dynamo=True`` (``torch.export``, and the
+``onnxscript`` package). Here a call that does not choose ``dynamo`` traces, as the script
+means. ``python -m acm_d2.detectron2_tools --version`` prints acm-d2's version.
+
 The script also reads files as safely as acm-d2's own tools (docs/safety.md): YAML configs
 with ``yaml.safe_load`` only (Detectron2's ``merge_from_file`` and ``LazyConfig.load`` would
 construct the Python objects of a ``!!python/...`` tag), and weights with
@@ -22,6 +29,7 @@ a ``.pkl`` with ``weights_only=True``, also when ``TORCH_FORCE_NO_WEIGHTS_ONLY_L
 import runpy
 import sys
 
+import torch
 import detectron2.checkpoint
 import detectron2.config
 import detectron2.engine.defaults
@@ -29,10 +37,12 @@ import detectron2.utils.analysis
 import yaml
 from detectron2.config import CfgNode
 
+from . import __version__
 from .config import add_acm_config, merge_yaml_file, python_tag_error
+from .model_zoo import resolve_config_file
 from .modeling.flops import add_acm_flop_handles
 
-__all__ = ["SafeCfgNode", "get_cfg_with_acm", "main"]
+__all__ = ["SafeCfgNode", "get_cfg_with_acm", "main", "onnx_export_by_tracing"]
 
 _detectron2_get_cfg = detectron2.config.get_cfg
 _detectron2_lazy_load = detectron2.config.LazyConfig.load
@@ -57,6 +67,7 @@ def get_cfg_with_acm():
 def _safe_lazy_load(filename: str, keys=None):
     """``LazyConfig.load``, refusing a YAML file that only Detectron2's ``yaml.unsafe_load``
     can read (Python tags). ``.py`` LazyConfigs are programs and load as before."""
+    filename = resolve_config_file(filename)
     if str(filename).endswith((".yaml", ".yml")):
         try:
             with open(filename) as f:
@@ -74,8 +85,21 @@ class FlopCountAnalysisWithACM(detectron2.utils.analysis.FlopCountAnalysis):
         add_acm_flop_handles(self)
 
 
+_torch_onnx_export = torch.onnx.export
+
+
+def onnx_export_by_tracing(model, args=(), f=None, **kwargs):
+    """``torch.onnx.export`` with ``dynamo=False`` (the TorchScript tracer) unless the call
+    chooses: what Detectron2's ``export_model.py --export-method tracing`` means."""
+    kwargs.setdefault("dynamo", False)
+    return _torch_onnx_export(model, args, f, **kwargs)
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        sys.stdout.write(f"acm-d2 {__version__}\n")
+        return
     if not argv or not argv[0].endswith(".py"):
         raise SystemExit(__doc__.split("\n\n")[1] + "\nerror: give the path of a Detectron2 script (.py) first")
     from .engine.checkpointer import SafeCheckpointer
@@ -87,6 +111,7 @@ def main(argv=None) -> None:
     detectron2.checkpoint.DetectionCheckpointer = SafeCheckpointer
     detectron2.engine.defaults.DetectionCheckpointer = SafeCheckpointer
     detectron2.utils.analysis.FlopCountAnalysis = FlopCountAnalysisWithACM
+    torch.onnx.export = onnx_export_by_tracing
     sys.argv = argv
     runpy.run_path(argv[0], run_name="__main__")
 
