@@ -33,7 +33,17 @@ from .modeling.acm import ACM
 from .modeling.acm_function import attend_and_compare, attend_and_compare_ops
 from .modeling.reference import ReferenceACM
 
-__all__ = ["STAGES", "bench_compiled", "bench_models", "bench_modules", "run_interleaved"]
+__all__ = [
+    "STAGES",
+    "bench_compiled",
+    "bench_models",
+    "bench_modules",
+    "build_benchmark_model",
+    "build_sharing_models",
+    "random_batch",
+    "run_interleaved",
+    "saved_bytes_over_input",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +193,7 @@ def _ratios(t: Dict[str, dict]) -> Dict[str, float]:
     return out
 
 
-def _saved_ratio(fn: Callable, x: torch.Tensor) -> float:
+def saved_bytes_over_input(fn: Callable, x: torch.Tensor) -> float:
     """Bytes saved for backward by the graph ``fn(x)`` builds (each storage once) over X's bytes."""
     storages = {}
 
@@ -210,9 +220,9 @@ def bench_modules(stages: Dict[str, Sequence[int]], batches: Sequence[int], grou
             x = torch.randn(shape, device=device, requires_grad=True)
             result = {"stage": stage, "shape": list(shape), "groups": groups, "times": times, "ratios": _ratios(times)}
             result["saved_over_x"] = {
-                "acm": _saved_ratio(lambda x: attend_and_compare(x, *_acm_arguments(module)), x),
-                "ops": _saved_ratio(lambda x: attend_and_compare_ops(x, *_acm_arguments(module)), x),
-                "ref": _saved_ratio(ref, x),
+                "acm": saved_bytes_over_input(lambda x: attend_and_compare(x, *_acm_arguments(module)), x),
+                "ops": saved_bytes_over_input(lambda x: attend_and_compare_ops(x, *_acm_arguments(module)), x),
+                "ref": saved_bytes_over_input(ref, x),
             }
             results.append(result)
             logger.info("measured %s batch %d", stage, batch)
@@ -258,7 +268,7 @@ def _replace_acms(model: nn.Module, make: Callable[[ACM], nn.Module]) -> nn.Modu
     return model
 
 
-def _build(config_file: str, device: torch.device, rois_per_image: int):
+def build_benchmark_model(config_file: str, device: torch.device, rois_per_image: int):
     from detectron2.modeling import build_model
 
     from .config import get_acm_cfg
@@ -277,24 +287,35 @@ def _build(config_file: str, device: torch.device, rois_per_image: int):
     return build_model(cfg)
 
 
-def build_model_trio(config_dir: str, device: torch.device, rois_per_image: int = 32) -> Dict[str, nn.Module]:
-    """Mask R-CNN R-50-FPN: "plain", "acm" (the configs mask_rcnn_R_50_FPN_1x{,_acm}.yaml) and
-    "authors" (the ACM model with the literal module in the ACM places), sharing every
-    Detectron2 weight; the RPN head's output convs are zeroed, so that the proposals are the
-    anchors in every model."""
-    plain = _build(os.path.join(config_dir, "mask_rcnn_R_50_FPN_1x.yaml"), device, rois_per_image)
-    acm = _build(os.path.join(config_dir, "mask_rcnn_R_50_FPN_1x_acm.yaml"), device, rois_per_image)
+def build_sharing_models(config_dir: str, suffixes: Dict[str, str], device: torch.device,
+                         rois_per_image: int = 32) -> Dict[str, nn.Module]:
+    """Mask R-CNN R-50-FPN "plain" (mask_rcnn_R_50_FPN_1x.yaml) and, for each ``key: suffix``,
+    the model of mask_rcnn_R_50_FPN_1x_<suffix>.yaml, sharing every Detectron2 weight with the
+    plain one (only the context modules keep their own); the RPN head's output convs are
+    zeroed, so that the proposals are the anchors in every model."""
+    plain = build_benchmark_model(os.path.join(config_dir, "mask_rcnn_R_50_FPN_1x.yaml"), device, rois_per_image)
     head = plain.proposal_generator.rpn_head
     with torch.no_grad():
         for conv in (head.objectness_logits, head.anchor_deltas):
             conv.weight.zero_()
             conv.bias.zero_()
-    missing, unexpected = acm.load_state_dict(plain.state_dict(), strict=False)
-    acm_names = {name for name, m in acm.named_modules() if isinstance(m, ACM)}
-    stray = [k for k in missing if not any(k.startswith(name + ".") for name in acm_names)]
-    if unexpected or stray or not acm_names:
-        raise RuntimeError(f"the ACM model does not share the plain model's weights: {stray}, {unexpected}")
-    return {"plain": plain, "acm": acm, "authors": _replace_acms(acm, _AuthorsModule)}
+    models = {"plain": plain}
+    for key, suffix in suffixes.items():
+        model = build_benchmark_model(os.path.join(config_dir, f"mask_rcnn_R_50_FPN_1x_{suffix}.yaml"), device, rois_per_image)
+        missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+        stray = [k for k in missing if ".context" not in k]
+        if unexpected or stray or not missing:
+            raise RuntimeError(f"the {key} model does not share the plain model's weights: {stray[:3]}, {unexpected[:3]}")
+        models[key] = model
+    return models
+
+
+def build_model_trio(config_dir: str, device: torch.device, rois_per_image: int = 32) -> Dict[str, nn.Module]:
+    """"plain", "acm" (the configs mask_rcnn_R_50_FPN_1x{,_acm}.yaml) and "authors" (the ACM
+    model with the literal module in the ACM places), sharing every Detectron2 weight (see
+    :func:`build_sharing_models`)."""
+    models = build_sharing_models(config_dir, {"acm": "acm"}, device, rois_per_image)
+    return {**models, "authors": _replace_acms(models["acm"], _AuthorsModule)}
 
 
 def random_batch(batch: int, height: int, width: int, device: torch.device, boxes_per_image: int = 3, seed: int = 0):

@@ -228,3 +228,9 @@ def test_benchmark_quick_runs(tmp_path):
         assert r["saved_over_x"]["acm"] <= 1.25 and r["saved_over_x"]["ref"] > 2
         assert all(v > 0 for v in r["ratios"].values()) and len(r["ratios"]) == 12
     assert stored["info"]["device"] == "cpu"
+    # the peers, every module at each tiny shape: time over the floor in 4 cases, saved bytes
+    assert "ACM and its peers" in printed and [r["stage"] for r in stored["peers"]] == ["tiny3", "tiny5"]
+    for r in stored["peers"]:
+        assert sorted(r["saved_over_x"]) == ["ACM", "CBAM", "CC", "GC", "NL", "SE"]
+        assert len(r["over_floor"]) == 6 * 4 and all(v > 0 for v in r["over_floor"].values())
+        assert r["saved_over_x"]["NL"] > r["saved_over_x"]["SE"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark of ACM (the measuring code is acm_d2/benchmarking.py).
+"""Side-by-side benchmark of ACM and its peers (the measuring code is acm_d2/benchmarking.py and
+acm_d2/peer_benchmark.py).
 
     python tools/benchmark.py --threads 2 --json bench.json   # everything (docs/benchmark.md)
     python tools/benchmark.py --device cuda --json bench.json # on a GPU
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from acm_d2 import benchmarking
+from acm_d2 import benchmarking, peer_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "COCO-InstanceSegmentation")
@@ -36,11 +37,14 @@ def parse_args(argv=None):
     parser.add_argument("--no-module", action="store_true", help="skip the module benchmark")
     parser.add_argument("--no-model", action="store_true", help="skip the whole-model benchmark")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile benchmark")
+    parser.add_argument("--no-peers", action="store_true", help="skip SE, GC, CBAM, NL, CC next to ACM")
+    parser.add_argument("--peer-batch", type=int, default=2, help="batch of the peer module shapes")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, modules only")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.no_model, args.no_compile = 1, True, True
+        args.peer_batch = 1
     return args
 
 
@@ -85,6 +89,27 @@ def print_compiled(r):
           f"ACM compiled / eager {r['compiled_over_eager_acm']:.4f}")
 
 
+def print_peers(modules, scaling, models):
+    print("\n== ACM and its peers where their papers put them, batch %d: time over the floor (X * s) ==" % modules[0]["shape"][0])
+    print("| stage | module | infer | infer cl | train | train cl | saved / X |\n|---|---|---|---|---|---|---|")
+    for r in modules:
+        for name in r["saved_over_x"]:
+            f = r["over_floor"]
+            print(f"| {r['stage']} | {name} | {f[name + '_infer_contiguous']:.2f} | {f[name + '_infer_channels_last']:.2f} | "
+                  f"{f[name + '_train_contiguous']:.2f} | {f[name + '_train_channels_last']:.2f} | {r['saved_over_x'][name]:.2f} |")
+    if scaling:
+        print("\nNL and CC at res4, batch 1: saved for backward (MiB)")
+        print("| input | res4 H x W | HW | NL | CC |\n|---|---|---|---|---|")
+        for row in scaling:
+            print(f"| {row['input'][0]}x{row['input'][1]} | {row['res4'][0]}x{row['res4'][1]} | {row['hw']} | "
+                  f"{row['NL_saved_mib']:.0f} | {row['CC_saved_mib']:.0f} |")
+    if models:
+        print(f"\n== Mask R-CNN R-50-FPN, input {models['input']}: time over the plain model ==")
+        print("| module | backbone inference | training step | backbone parameters added |\n|---|---|---|---|")
+        for name, r in models["over_plain"].items():
+            print(f"| {name} | {r['inference']:.4f} | {r['training']:.4f} | {r['parameters'] / 1e6:.2f} M |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -110,6 +135,14 @@ def main(argv=None):
     if not args.no_compile:
         results["compiled"] = benchmarking.bench_compiled(CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
         print_compiled(results["compiled"])
+    if not args.no_peers:
+        stages = benchmarking.QUICK_STAGES if args.quick else {s: benchmarking.STAGES[s] for s in args.stages.split(",")}
+        results["peers"] = peer_benchmark.bench_peer_modules(stages, args.peer_batch, args.repeats, device)
+        results["peer_memory"] = [] if args.quick else peer_benchmark.attention_memory_scaling(device)
+        if not args.no_model:
+            results["peer_models"] = peer_benchmark.bench_peer_models(
+                CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
+        print_peers(results["peers"], results["peer_memory"], results.get("peer_models"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
