@@ -435,3 +435,93 @@ def test_launcher_environment_is_read_and_checked(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert launch_module.launch(lambda x: x * 2, 1, args=(21,)) == 42  # one process: nothing to join
+
+
+# ------------------------------------------------------------ launches that cannot form a group
+# launch() as train_net calls it; every rank says when the group has formed.
+FORMING_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from detectron2.utils import comm
+    from acm_d2.engine import launch
+
+
+    def main():
+        comm.synchronize()
+        print(f"group formed: rank {comm.get_rank()} of {comm.get_world_size()}", flush=True)
+
+
+    if __name__ == "__main__":
+        num_gpus, num_machines, machine_rank, url = sys.argv[1:]
+        launch(main, int(num_gpus), int(num_machines), int(machine_rank), url, device="cpu")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "num_gpus, num_machines, machine_rank, url, words",
+    [
+        (1, 2, 2, "tcp://127.0.0.1:1", "--machine-rank 2 with --num-machines 2: expected 0..1"),
+        (1, 2, -1, "tcp://127.0.0.1:1", "--machine-rank -1 with --num-machines 2: expected 0..1"),
+        (0, 1, 0, "auto", "--num-gpus 0: expected an integer >= 1"),
+        (2, 2, 0, "auto", "--dist-url auto picks a port on this machine only; with --num-machines 2 give tcp://HOST0:PORT"),
+    ],
+)
+def test_impossible_launch_settings_are_refused_at_once(num_gpus, num_machines, machine_rank, url, words):
+    with pytest.raises(ValueError) as info:
+        launch_module.launch(print, num_gpus, num_machines, machine_rank, url, device="cpu")
+    assert words in str(info.value)
+
+
+@pytest.fixture()
+def forming_driver(tmp_path):
+    path = tmp_path / "forming.py"
+    path.write_text(FORMING_DRIVER)
+    return path
+
+
+def test_groups_that_cannot_form_end_naming_who_and_ctrl_c_ends_every_worker(forming_driver):
+    """Run side by side (each start costs seconds): two machines that disagree on --num-machines,
+    a machine 0 whose machine 1 never comes (ACM_D2_JOIN_TIMEOUT 3 s), and one interrupted."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", ACM_D2_JOIN_TIMEOUT="60")
+    disagree, missing, interrupted = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    port = int(interrupted.rsplit(":", 1)[1])
+    logs = [tempfile.TemporaryFile("w+") for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, str(forming_driver), *argv], cwd=REPO, env=dict(env, **extra),
+                              stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for (argv, extra), log in zip([
+                 (("1", "2", "0", disagree), {}),
+                 (("1", "3", "1", disagree), {}),  # another --num-machines
+                 (("1", "2", "0", missing), {"ACM_D2_JOIN_TIMEOUT": "3"}),
+                 (("2", "2", "0", interrupted), {"ACM_D2_JOIN_TIMEOUT": "120"}),
+             ], logs)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the interrupted run's rank 0 serves its port: its two workers wait for machine 1
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and procs[3].poll() is None, "rank 0 never served the port"
+            time.sleep(0.2)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(procs[3].pid)], capture_output=True, text=True).stdout.split()]
+        assert len(workers) >= 2
+        procs[3].send_signal(signal.SIGINT)  # Ctrl-C, to the parent only: it must end its workers itself
+        codes = [p.wait(timeout=120) for p in procs]
+        assert all(code != 0 for code in codes), codes
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read()]
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0  # nobody listens on the port any more
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))  # and a new run can serve it
+        outputs = []
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+    finally:
+        for p in procs:
+            kill_process_group(p)
+    for output in outputs[:2]:
+        assert "Training processes cannot form a group: the machines disagree on the world size: rank " in output, output[-3000:]
+        assert "start every machine with the same --num-gpus and --num-machines" in output
+    assert (f"the group did not form within 3 s ($ACM_D2_JOIN_TIMEOUT): 1 of 2 processes joined at {missing}; "
+            f"missing: ranks [1] (machine(s) [1])") in outputs[2], outputs[2][-3000:]

@@ -8,8 +8,12 @@
   joins the group from that environment (``init_method="env://"``) and runs ``main_func``
   itself; nothing is spawned. ``--num-gpus``, ``--num-machines``, ``--machine-rank`` and
   ``--dist-url`` are then the launcher's business (``torchrun --nnodes --nproc_per_node``).
-* **Otherwise** Detectron2's ``launch`` spawns ``num_gpus_per_machine`` processes on each of
-  ``num_machines`` machines, which join at ``dist_url``.
+* **Otherwise** ``num_gpus_per_machine`` processes are spawned on each of ``num_machines``
+  machines, which join at ``dist_url``. Settings that can never form a group are refused at
+  once (:func:`check_launch_settings`); with a ``tcp://`` or "auto" URL the workers first hold
+  a roll call (:mod:`acm_d2.engine.rendezvous`): disagreeing machines and ranks missing after
+  ``$ACM_D2_JOIN_TIMEOUT`` seconds (default 600) end every worker with a message naming them,
+  and Ctrl-C ends every worker. Other URLs (``file://``) go through Detectron2's ``launch``.
 
 Either way the backend is NCCL for models on GPUs and gloo for CPU training (``MODEL.DEVICE
 cpu``, or no CUDA). For CPU training with several processes on a machine that has GPUs,
@@ -35,7 +39,9 @@ from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
-__all__ = ["launch", "external_launcher_environment", "WorkerFailedError"]
+from .rendezvous import default_join_timeout, spawn_and_join
+
+__all__ = ["launch", "check_launch_settings", "external_launcher_environment", "WorkerFailedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +156,38 @@ def _join_external_group(main_func, layout: dict, num_gpus_per_machine: int, arg
     return result
 
 
-def _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout):
-    """Detectron2's ``launch``; a failed worker process is reported as :class:`WorkerFailedError`."""
+def check_launch_settings(num_gpus_per_machine, num_machines: int, machine_rank: int, dist_url) -> None:
+    """Refuse at once the settings with which the processes can never form a group.
+
+    Raises:
+        ValueError: naming the flag, its value and the allowed values.
+    """
+    for flag, value in (("--num-gpus", num_gpus_per_machine), ("--num-machines", num_machines)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{flag} {value!r}: expected an integer >= 1 (processes per machine / machines)")
+    if not isinstance(machine_rank, int) or not 0 <= machine_rank < num_machines:
+        raise ValueError(
+            f"--machine-rank {machine_rank!r} with --num-machines {num_machines}: expected 0..{num_machines - 1} "
+            f"(each machine its own rank; machine 0 serves --dist-url)"
+        )
+    if num_machines > 1 and dist_url == "auto":
+        raise ValueError(
+            f"--dist-url auto picks a port on this machine only; with --num-machines {num_machines} give "
+            f"tcp://HOST0:PORT, HOST0 being machine 0's address"
+        )
+
+
+def _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout, device=""):
+    """Start the workers (tcp:// or auto: :func:`acm_d2.engine.rendezvous.spawn_and_join`, which
+    names missing ranks and ends every worker on Ctrl-C; other URLs: Detectron2's ``launch``); a
+    failed worker process is reported as :class:`WorkerFailedError`."""
     try:
+        world_size = num_machines * num_gpus_per_machine
+        if world_size > 1 and dist_url is not None and (dist_url == "auto" or dist_url.startswith("tcp://")):
+            return spawn_and_join(
+                main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout,
+                default_join_timeout(), _backend(device),
+            )
         return detectron2_launch(
             main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args=args, timeout=timeout
         )
@@ -190,17 +225,18 @@ def launch(
             )
         return _join_external_group(main_func, layout, num_gpus_per_machine, args, timeout, device)
 
+    check_launch_settings(num_gpus_per_machine, num_machines, machine_rank, dist_url)
     world_size = num_machines * num_gpus_per_machine
     if world_size > 1:
         main_func = _RankNamedMain(main_func)
     hide_gpus = device == "cpu" and world_size > 1 and torch.cuda.is_available()
     if not hide_gpus:
-        return _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+        return _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout, device)
     logger.info("MODEL.DEVICE is cpu: starting %d CPU processes (gloo) with the GPUs hidden", num_gpus_per_machine)
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        return _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+        return _spawn(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout, device)
     finally:
         if saved is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
