@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 VARIANTS = {
     "plain": ["MODEL.ACM.MODULE", "none", "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"],
     "SE": ["MODEL.ACM.MODULE", "SE", "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"],
+    # The other peers (docs/peers.md), each placed as its paper places it for Mask R-CNN.
+    "NL": ["MODEL.ACM.MODULE", "NL", "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"],
+    "CC": ["MODEL.ACM.MODULE", "CC", "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"],
+    "GC": ["MODEL.ACM.MODULE", "GC", "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"],
+    "CBAM": ["MODEL.ACM.MODULE", "CBAM", "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"],
     "ACM": ["MODEL.ACM.MODULE", "ACM"],
     # The paper's Table 2a: ACM with parts left out (the config's lambda where K and Q exist).
     "X+(K-Q)": ["MODEL.ACM.MODULE", "ACM", "MODEL.ACM.VARIANT", "X+(K-Q)"],
