@@ -20,14 +20,23 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def exclusive_lock(path: "os.PathLike[str] | str", what: str) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``path`` (created if needed) while the block runs.
+    """Hold an exclusive lock on the file ``path`` (created if needed) or on the existing
+    folder ``path`` while the block runs.
 
     Waits for the process holding it, logging once that it waits (``what`` names the cache,
-    e.g. "the synthetic dataset cache /x"). The lock file itself is left in place (empty).
+    e.g. "the synthetic dataset cache /x"). A lock file is left in place (empty).
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if os.path.isdir(path):
+            fd = os.open(path, os.O_RDONLY)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:  # a read-only cache: nothing can be built there, reading needs no lock
+        logger.warning("Cannot create the lock %s (%s): using %s without a lock", path, e, what)
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

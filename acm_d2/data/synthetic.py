@@ -38,6 +38,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .file_lock import exclusive_lock
+
 __all__ = [
     "CATEGORIES",
     "CONTEXT_CATEGORIES",
@@ -377,28 +379,28 @@ def cached_dataset(spec: SyntheticSpec, cache_root: Optional[Path] = None) -> Di
     Returns a dict with ``folder``, ``train_json``, ``train_images``, ``val_json`` and
     ``val_images`` paths. The files are written into a temporary folder next to the cache
     and renamed into place, so a crash never leaves a half-written dataset under the final
-    name; a final folder that fails :func:`verify_cache` is deleted and rebuilt.
+    name; a final folder that fails :func:`verify_cache` is rebuilt and replaced. Processes
+    that share the cache take a file lock: one checks and builds, the others wait for it.
     """
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     folder = root / spec.key()
-    problem = verify_cache(folder, spec) if folder.exists() else "not written yet"
-    if problem is not None:
-        if folder.exists():
-            logger.warning("Rebuilding the synthetic dataset cache %s: %s", folder, problem)
-            shutil.rmtree(folder)
-        root.mkdir(parents=True, exist_ok=True)
-        logger.info("Writing the synthetic dataset %s into %s", spec, folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.key()}-", dir=root))
-        try:
-            write_dataset(tmp / "data", spec)
+    root.mkdir(parents=True, exist_ok=True)
+    # One process (of the ranks, or of runs sharing the cache) checks and builds; the others
+    # wait and then find it complete.
+    with exclusive_lock(root, f"the synthetic dataset cache {folder}"):  # a lock on the cache folder itself
+        problem = verify_cache(folder, spec) if folder.exists() else "not written yet"
+        if problem is not None:
+            if folder.exists():
+                logger.warning("Rebuilding the synthetic dataset cache %s: %s", folder, problem)
+            logger.info("Writing the synthetic dataset %s into %s", spec, folder)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.key()}-", dir=root))
             try:
+                write_dataset(tmp / "data", spec)
+                if folder.exists():  # the old folder out and the new one in: one rename each
+                    os.rename(folder, tmp / "old")
                 os.rename(tmp / "data", folder)
-            except OSError:
-                # Another process finished first: keep its copy if it is complete.
-                if verify_cache(folder, spec) is not None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return {
         "folder": folder,
         "train_json": folder / "train.json",
