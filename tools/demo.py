@@ -48,7 +48,8 @@ def main(argv=None) -> dict:
 
     paths = ensure_synthetic_dataset(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     logging.info("Synthetic data in %s", paths.get("folder", "(not a built-in dataset)"))
-    metrics = read_final_metrics(out) if args.skip_train else run_train_net(args.config_file, opts, out, threads=args.threads)
+    # --overwrite: each demo trains afresh (the earlier run's files go to OUTPUT_DIR/previous_runs/)
+    metrics = read_final_metrics(out) if args.skip_train else run_train_net(args.config_file, ["--overwrite"] + opts, out, threads=args.threads)
     test_name = cfg.DATASETS.TEST[0]
     DatasetCatalog.get(test_name)  # loading sets the metadata's thing_classes
     aps = ap_table(metrics, MetadataCatalog.get(test_name).thing_classes)
