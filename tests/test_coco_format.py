@@ -537,3 +537,26 @@ def test_train_and_test_categories_are_compared_by_id_and_name(tmp_path, dataset
         check_same_categories(cfg)
     assert (f"'{train}' (DATASETS.TRAIN, 2 categories) and '{swapped}' (DATASETS.TEST, 2) differ in 2 classes "
             f"(class 0: id 1 'cat' vs id 1 'dog'; class 1: id 2 'dog' vs id 2 'cat')") in str(info.value)
+    from acm_d2.engine import ResumableTrainer
+
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
+    with pytest.raises(ValueError, match="The datasets of this run have different categories"):
+        ResumableTrainer(cfg)  # before the model is built
+
+
+def test_train_net_passes_the_outside_root_setting(tmp_path, dataset):
+    from argparse import Namespace
+
+    from acm_d2.train_net import register_datasets
+
+    _, images, data = dataset
+    _png(tmp_path / "outside.png")
+    data["images"][0]["file_name"] = "../outside.png"
+    json_file = _write(tmp_path / "outside.json", data)
+    cfg = acm_cfg()
+    name = _name()
+    with pytest.raises(CocoFormatError, match="allow it with DATASETS.COCO_ALLOW_OUTSIDE_ROOT True"):
+        register_datasets(cfg, Namespace(register_coco=[[name, str(json_file), str(images)]]))
+    cfg.DATASETS.COCO_ALLOW_OUTSIDE_ROOT = True
+    register_datasets(cfg, Namespace(register_coco=[[name, str(json_file), str(images)]]))
+    assert name in DatasetCatalog.list()

@@ -136,13 +136,24 @@ def test_checkpoint_fields_are_validated_before_use(field, value, words):
 def test_resume_refuses_breaking_changes_before_writing_and_applies_the_lr(tmp_path):
     json_file, image_root = write_tiny_coco(tmp_path / "data", num_images=4)
     out = tmp_path / "out"
-    run_train_net(json_file, image_root, tiny_opts(out, max_iter=2, checkpoint_period=1))
+    no_eval = ["DATASETS.TEST", "()"]  # (faster)
+    run_train_net(json_file, image_root, tiny_opts(out, max_iter=2, checkpoint_period=1) + no_eval)
     config_yaml = (out / "config.yaml").read_text()
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    changed = tiny_opts(out, max_iter=3) + ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.ACM.VARIANT", "PX"]
-    proc = subprocess.run(train_net_command(json_file, image_root, changed, "--resume"), cwd=REPO, env=env,
+    changed = tiny_opts(out, max_iter=3) + no_eval + ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.ACM.VARIANT", "PX"]
+    # one command line: the same command without --resume is refused by the same check (before any file)
+    script = ("import sys; from acm_d2 import train_net\n"
+              "for flags in (['--resume'], []):\n"
+              "    try:\n"
+              "        train_net.main(train_net.argument_parser().parse_args(flags + sys.argv[1:]))\n"
+              "    except Exception as e:\n"
+              "        print(type(e).__name__, e, file=sys.stderr)\n"
+              "sys.exit(1)")
+    command = train_net_command(json_file, image_root, changed)
+    proc = subprocess.run([sys.executable, "-c", script] + command[2:], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
+    assert "OutputDirNotEmptyError OUTPUT_DIR" in proc.stderr and "Pass --resume to continue that run, --overwrite" in proc.stderr
     assert proc.returncode != 0
     assert f"--resume from {out / 'model_final.pth'}: the config differs from the one the checkpoint was trained with in 2 setting(s)" in proc.stderr
     assert "  MODEL.ACM.VARIANT: checkpoint 'P(X+(K-Q))', now 'PX'\n  MODEL.ROI_HEADS.NUM_CLASSES: checkpoint 2, now 3" in proc.stderr
@@ -151,7 +162,7 @@ def test_resume_refuses_breaking_changes_before_writing_and_applies_the_lr(tmp_p
     with open(out / "metrics.json", "a") as f:  # as if the interrupted run had logged iterations after its checkpoint
         f.write(json.dumps({"iteration": 5, "total_loss": 9.0}) + "\n")
     # LR and schedule changed: applied from the resumed iteration on, and said so
-    lr = run_train_net(json_file, image_root, tiny_opts(out, max_iter=3) + ["SOLVER.BASE_LR", "0.004"], "--resume")
+    lr = run_train_net(json_file, image_root, tiny_opts(out, max_iter=3) + no_eval + ["SOLVER.BASE_LR", "0.004"], "--resume")
     assert "--resume with a changed SOLVER.BASE_LR: checkpoint" in lr.stderr and "now 0.004 (applied" in lr.stderr
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["trainer"]["hooks"]["LRScheduler"]["base_lrs"][0] == 0.004
