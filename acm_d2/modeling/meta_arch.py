@@ -117,7 +117,8 @@ class ACMOrthLossMixin:
         The class of that view is a subclass of the meta-architecture made for it, which takes
         this class's annotation of ``training`` (``torch.jit.Final[bool]`` under Detectron2's
         ``freeze_training_mode``, so that the training branch is compiled away)."""
-        meta_arch = next(b for b in type(self).__mro__[1:] if "forward" in vars(b) and not issubclass(b, ACMOrthLossMixin))
+        mro = type(self).__mro__
+        meta_arch = mro[mro.index(ACMOrthLossMixin) + 1]  # e.g. GeneralizedRCNN, RetinaNet
         scriptable = _SCRIPTABLE_CLASSES.get(meta_arch)
         if scriptable is None:
             scriptable = type(meta_arch.__name__, (meta_arch,), {"__module__": __name__, "__annotations__": {}})

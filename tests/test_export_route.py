@@ -1,0 +1,72 @@
+"""Detectron2's own export route for ACM models, on the COCO R-50 configs: what its
+tests/test_export_torchscript.py (TestScripting) and tests/modeling/test_backbone.py
+(test_resnet_scriptability) do, with acm-d2's configs.
+
+Scripted ACM models run ACM as plain ops (acm_function.attend_and_compare_ops) where eager
+runs the fused computation: the two agree to float rounding, within Detectron2's
+``assert_instances_allclose`` (1e-5 of each field's magnitude) and within 1e-5 of the
+magnitude for the backbone's features (docs/integration.md). Tracing records the fused
+computation: traced outputs equal eager ones (test_onnx.py, test_integration.py).
+"""
+import torch
+from detectron2.export import scripting_with_instances
+from detectron2.export.torchscript_patch import patch_nonscriptable_classes
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes
+from detectron2.utils.testing import assert_instances_allclose, convert_scripted_instances
+
+from acm_d2 import ACMGeneralizedRCNN, ACMRetinaNet, acm_modules
+from export_cases import R50_MASK_RCNN, R50_RETINANET, coco_backbone, coco_model, image
+
+RCNN_FIELDS = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor, "pred_boxes": Boxes,
+               "scores": torch.Tensor, "pred_classes": torch.Tensor, "pred_masks": torch.Tensor}
+
+
+def test_scripting_with_instances_then_inference_mask_rcnn_r50():
+    model = coco_model(R50_MASK_RCNN)
+    assert type(model) is ACMGeneralizedRCNN and len(acm_modules(model)) == 13
+    children = dict(model.named_children())
+    scripted = scripting_with_instances(model, RCNN_FIELDS)
+    # the model is left as it was: same class, same children (scripting compiled a view of it)
+    assert type(model) is ACMGeneralizedRCNN and dict(model.named_children()) == children
+    inputs = [{"image": image(256, 320)}] * 2
+    with torch.no_grad():
+        expected = model.inference(inputs, do_postprocess=False)[0]
+        got = scripted.inference(inputs, do_postprocess=False)[0]
+    assert len(expected) == 100 and float(expected.scores.max()) > 0.5
+    assert_instances_allclose(expected, got)  # Detectron2's tolerance (rtol 1e-5 of the magnitude)
+
+
+def test_scripting_with_instances_retinanet_r50():
+    model = coco_model(R50_RETINANET)
+    assert type(model) is ACMRetinaNet
+    with torch.no_grad():  # spread-out class scores (a random head gives them all at its prior, 0.01)
+        model.head.cls_score.weight.mul_(3.0)
+        model.head.cls_score.bias.zero_()
+    scripted = scripting_with_instances(model, {"pred_boxes": Boxes, "scores": torch.Tensor,
+                                                "pred_classes": torch.Tensor})
+    img = image(256, 320)
+    inputs = [{"image": img}] * 2
+    with torch.no_grad():
+        expected = model(inputs)[0]["instances"]
+        got = detector_postprocess(convert_scripted_instances(scripted(inputs)[0]), img.shape[1], img.shape[2])
+    assert len(expected) == 100 and float(expected.scores.max()) > 0.5
+    assert_instances_allclose(expected, got)
+
+
+def test_scripted_acm_backbone_within_the_documented_bound():
+    """test_resnet_scriptability with the ACM R-50 FPN backbone: the plain backbone scripts
+    bit for bit (torch.allclose holds), the ACM one to 1e-5 of each feature's magnitude."""
+    patch_nonscriptable_classes()
+    x = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(3))
+    for module in ("none", "ACM"):
+        backbone = coco_backbone(R50_MASK_RCNN, "MODEL.ACM.MODULE", module)
+        scripted = torch.jit.script(backbone)
+        with torch.no_grad():
+            expected, got = backbone(x), scripted(x)
+        for name in expected:
+            error = float((got[name] - expected[name]).abs().max())
+            if module == "none":
+                assert torch.allclose(got[name], expected[name]), name
+            else:
+                assert error <= 1e-5 * float(expected[name].abs().max()), (name, error)
