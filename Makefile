@@ -19,6 +19,9 @@ DETECTRON2_SPEC ?=
 
 .PHONY: setup test demo benchmark clean-venv
 
+# onnx 1.23.2 and onnxruntime 1.32.0 (the ONNX export tests) install and run next to numpy<2
+# (numpy 1.26.4 here), which the Detectron2 snapshot and pycocotools builds are pinned with.
+
 setup: $(STAMP)
 
 $(STAMP): setup.py Makefile
@@ -27,7 +30,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install --quiet "numpy<2" "setuptools<81" fvcore iopath pycocotools \
 		opencv-python-headless Pillow matplotlib termcolor yacs tabulate cloudpickle tqdm \
 		tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black packaging pytest \
-		faster-coco-eval submitit simplejpeg
+		faster-coco-eval submitit simplejpeg onnx==1.23.2 onnxruntime==1.32.0
 	@if [ -n "$(DETECTRON2_SPEC)" ]; then \
 		echo "Installing Detectron2 from $(DETECTRON2_SPEC)"; \
 		$(PIP) install --no-build-isolation "$(DETECTRON2_SPEC)"; \
