@@ -448,6 +448,11 @@ def test_images_that_do_not_decode_in_full_are_refused(tmp_path, dataset):
     message = _problems(tmp_path, images, data)
     assert "image id 1 (cut.jpg): the file is not a whole image (ValueError: Corrupt JPEG data: premature end of data segment)" in message
     assert "image id 2 (cut.png): the file is not a whole image (OSError:" in message
+    # padding between two segments (libjpeg: "2 extraneous bytes before marker"): every pixel is there
+    header = 4 + int.from_bytes(full[4:6], "big")  # SOI and the APP0 segment
+    (images / "padded.jpg").write_bytes(full[:header] + b"\x12\x34" + full[header:])
+    data["images"] = [{"id": 1, "file_name": "padded.jpg", "width": 64, "height": 48}]
+    validate_coco_instances(_write(tmp_path / "padded.json", data), images)
 
 
 def test_non_regular_files_and_paths_outside_the_root(tmp_path, dataset):

@@ -169,3 +169,16 @@ def test_resume_refuses_breaking_changes_before_writing_and_applies_the_lr(tmp_p
     assert final["trainer"]["iteration"] == 2
     assert [m["iteration"] for m in read_metrics(out) if "total_loss" in m] == [1, 2]  # each iteration once
     assert load_model_weights(out / "model_final.pth")
+
+
+def test_resume_without_a_checkpoint_to_resume_from_does_not_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_0000009.pth").write_text("x")
+    with pytest.raises(OutputDirNotEmptyError, match="--resume: OUTPUT_DIR .* has checkpoints \\(model_0000009.pth\\) but no last_checkpoint"):
+        prepare_output_dir(_cfg(out), resume=True)
+    crashed = tmp_path / "crashed"  # an earlier run that logged metrics but wrote no checkpoint
+    crashed.mkdir()
+    (crashed / "metrics.json").write_text('{"iteration": 3}\n')
+    prepare_output_dir(_cfg(crashed), resume=True)
+    assert not (crashed / "metrics.json").exists() and len(list((crashed / "previous_runs").iterdir())) == 1

@@ -73,12 +73,21 @@ def _file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _decode_jpeg_strictly(path: str, pil_mode: str) -> None:
+def _decode_jpeg_strictly(path: str, img: Image.Image) -> None:
     import simplejpeg  # libjpeg-turbo; strict: corrupt data raises instead of a warning
 
-    colorspace = {"L": "GRAY", "CMYK": "CMYK"}.get(pil_mode, "RGB")
+    colorspace = {"L": "GRAY", "CMYK": "CMYK"}.get(img.mode, "RGB")
     with open(path, "rb") as f:
-        simplejpeg.decode_jpeg(f.read(), colorspace=colorspace, strict=True)
+        data = f.read()
+    try:
+        simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+    except ValueError as e:
+        # "N extraneous bytes before marker": padding between segments, common in camera files,
+        # which stops libjpeg's strict mode before the pixels; PIL decodes them (as training
+        # will). Every other warning (missing or corrupt data) is refused.
+        if "extraneous bytes before marker" not in str(e):
+            raise
+        img.load()
 
 
 def _clipped_pixels(img: Image.Image) -> Optional[str]:
@@ -122,7 +131,7 @@ def inspect_image(path: Union[str, os.PathLike]) -> Result:
             except Exception:  # noqa: BLE001 - a broken EXIF block: Detectron2 ignores it too
                 orientation = None
             if image_format == "JPEG":
-                _decode_jpeg_strictly(path, mode)
+                _decode_jpeg_strictly(path, img)
                 clipped = None
             else:
                 img.load()

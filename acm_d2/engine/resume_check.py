@@ -16,7 +16,8 @@ compares it with the new config, key by key, before anything runs or is written:
   keys (``LR_SCHEDULER_NAME``, ``STEPS``, ``MAX_ITER``, ``GAMMA``, ``WARMUP_*``,
   ``BASE_LR_END``, ``NUM_DECAYS``), which Detectron2 rebuilds from the new config: from the
   resumed iteration on, the LR is the new schedule's value for that iteration;
-* **used as given** (a warning names them): everything else (``SOLVER.IMS_PER_BATCH``,
+* **used as given** (a warning names them): keys that only one of the configs has (another
+  version of acm-d2 or Detectron2), and everything else (``SOLVER.IMS_PER_BATCH``,
   ``DATALOADER.*``, ``INPUT.*`` augmentations, ``TEST.*``, periods, ``OUTPUT_DIR``, ...);
   batch and loader changes make the data stream differ from the uninterrupted run.
 
@@ -29,6 +30,7 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from detectron2.config import CfgNode
+from detectron2.solver.lr_scheduler import LRMultiplier
 
 __all__ = ["ResumeConfigError", "apply_solver_settings", "check_resumed_config", "validate_trainer_state"]
 
@@ -81,14 +83,16 @@ def _kind(key: str) -> str:
 
 def config_changes(old_yaml: str, new_cfg) -> List[Tuple[str, Any, Any, str]]:
     """(key, checkpoint value, new value, kind) for every key that differs."""
-    old = _flatten(CfgNode.load_cfg(old_yaml))  # yaml.safe_load
+    old = _flatten(CfgNode.load_cfg(old_yaml))  # yaml.safe_load; a malformed one: check_resumed_config says so
     new = _flatten(CfgNode.load_cfg(new_cfg.dump()))  # the same round trip as the stored config
     missing = object()
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
         if a != b:
-            changes.append((key, "(none)" if a is missing else a, "(none)" if b is missing else b, _kind(key)))
+            # a key only one side has: another acm-d2 / Detectron2 version, nothing to compare
+            kind = "given" if a is missing or b is missing else _kind(key)
+            changes.append((key, "(no such key)" if a is missing else a, "(no such key)" if b is missing else b, kind))
     return changes
 
 
@@ -108,7 +112,15 @@ def check_resumed_config(
                 "the checkpoint's; resuming with it as given", checkpoint_file,
             )
         return []
-    changes = config_changes(old_yaml, new_cfg)
+    try:
+        changes = config_changes(old_yaml, new_cfg)
+    except Exception as e:  # noqa: BLE001 - not YAML, not a config: a corrupted checkpoint
+        from ..checkpoint import CheckpointLoadError
+
+        raise CheckpointLoadError(
+            f"{checkpoint_file}: the config stored in the checkpoint cannot be read ({type(e).__name__}: {e}); the "
+            f"file is corrupted or was not written by this trainer"
+        ) from e
     refused = [c for c in changes if c[3] == "refused"]
     if refused:
         lines = "\n".join(f"  {key}: checkpoint {a!r}, now {b!r}" for key, a, b, _ in refused)
@@ -134,7 +146,6 @@ def apply_solver_settings(optimizer, scheduler, configured_groups: Sequence[Mapp
     is the scheduler's value at the resumed iteration. Returns what changed, for the log.
     """
     changed = []
-    lr_changed = False
     for i, (group, configured) in enumerate(zip(optimizer.param_groups, configured_groups)):
         for key, value in configured.items():
             if key in ("params", "initial_lr"):
@@ -145,12 +156,13 @@ def apply_solver_settings(optimizer, scheduler, configured_groups: Sequence[Mapp
                     changed.append(f"group {i} base lr {base} -> {value}")
                     if scheduler is not None:
                         scheduler.base_lrs[i] = value
+                    else:
+                        group["lr"] = value
                     group["initial_lr"] = value
-                    lr_changed = True
             elif group.get(key) != value:
                 changed.append(f"group {i} {key} {group.get(key)} -> {value}")
                 group[key] = value
-    if scheduler is not None and (lr_changed or changed):
+    if isinstance(scheduler, LRMultiplier):  # the LR of the next iteration: the (new) schedule's at this one
         for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
             group["lr"] = lr
     if changed:

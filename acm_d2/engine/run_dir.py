@@ -9,10 +9,12 @@ Detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt``):
    once, naming that process. The kernel releases the lock when the process ends, also on
    ``kill -9``; the file of a killed run is then a stale lock, which the next run detects (the
    lock is free), reports and takes over. A clean exit removes the file.
-2. Without ``--resume``, a folder that holds checkpoints of an earlier run (``last_checkpoint``,
-   ``model_*.pth``) is refused: the new run would overwrite them and append to the old
-   ``metrics.json``. With ``overwrite`` (``--overwrite``) the earlier run's files are moved into
-   ``OUTPUT_DIR/previous_runs/<time>/`` first: nothing is lost, nothing is mixed.
+2. Without ``--resume`` (or with it but no ``last_checkpoint`` naming an existing checkpoint),
+   a folder that holds checkpoints of an earlier run (``last_checkpoint``, ``model_*.pth``) is
+   refused: the new run would overwrite them and append to the old ``metrics.json``. With
+   ``overwrite`` (``--overwrite``) the earlier run's files are moved into
+   ``OUTPUT_DIR/previous_runs/<time>/`` first: nothing is lost, nothing is mixed. An earlier
+   run that left a ``metrics.json`` but no checkpoint is moved there too, without a flag.
 3. With ``--resume``, the config stored in the checkpoint that ``last_checkpoint`` names is
    compared with the new one (:func:`acm_d2.engine.resume_check.check_resumed_config`);
    changes that would break the run are refused here, before any iteration and any file.
@@ -234,24 +236,31 @@ def _prepare(cfg, resume: bool, overwrite: bool, eval_only: bool) -> None:
     lock_output_dir(output_dir)
     if eval_only:
         return
-    if not resume:
-        found = _checkpoint_files(output_dir)
-        if not found:
-            return
+    checkpoint_file = SafeCheckpointer(torch.nn.Module(), output_dir).get_checkpoint_file() if resume else ""
+    if checkpoint_file and os.path.isfile(checkpoint_file):
+        state = _stored_trainer_state(checkpoint_file)
+        check_resumed_config(state.get("config"), cfg, checkpoint_file)
+        iteration = state.get("iteration")
+        if isinstance(iteration, int) and not isinstance(iteration, bool):
+            _drop_metrics_after(output_dir, iteration)
+        return
+    # The run starts at iteration 0 (no --resume, or nothing to resume from).
+    found = _checkpoint_files(output_dir)
+    if found:
         if not overwrite:
+            if resume:
+                raise OutputDirNotEmptyError(
+                    f"--resume: OUTPUT_DIR {os.path.abspath(output_dir)} has checkpoints ({', '.join(found[-4:])}) but no "
+                    f"last_checkpoint naming an existing one to resume from, so the run would start from MODEL.WEIGHTS at "
+                    f"iteration 0 and overwrite them. Write the file name of the checkpoint to resume into "
+                    f"{os.path.join(output_dir, 'last_checkpoint')}, or pass --overwrite to start afresh."
+                )
             raise OutputDirNotEmptyError(
                 f"OUTPUT_DIR {os.path.abspath(output_dir)} holds the checkpoints of an earlier run ({', '.join(found[-4:])}): "
                 f"a new run would overwrite them and append to its metrics.json. Pass --resume to continue that run, "
                 f"--overwrite to start afresh (its files are moved into {os.path.join(output_dir, 'previous_runs')}/), "
                 f"or set another OUTPUT_DIR."
             )
+    if found or os.path.isfile(os.path.join(output_dir, "metrics.json")):
+        # (overwrite, or an earlier run that wrote metrics but no checkpoint: moved, not mixed)
         _move_previous_run(output_dir)
-        return
-    checkpoint_file = SafeCheckpointer(torch.nn.Module(), output_dir).get_checkpoint_file()
-    if not checkpoint_file or not os.path.isfile(checkpoint_file):
-        return
-    state = _stored_trainer_state(checkpoint_file)
-    check_resumed_config(state.get("config"), cfg, checkpoint_file)
-    iteration = state.get("iteration")
-    if isinstance(iteration, int) and not isinstance(iteration, bool):
-        _drop_metrics_after(output_dir, iteration)

@@ -248,6 +248,8 @@ class ResumableTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called
             setup_logger()
+        # The config as given (before the scaling below): stored in the checkpoints, compared on --resume.
+        self._given_cfg = cfg.clone()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         check_registered_names(cfg)  # also for configs not made by acm_d2.get_acm_cfg
@@ -346,7 +348,7 @@ class ResumableTrainer(DefaultTrainer):
 
     def state_dict(self):
         ret = super().state_dict()
-        ret["config"] = self.cfg.dump()  # compared with the config of a --resume (resume_check)
+        ret["config"] = self._given_cfg.dump()  # compared with the config of a --resume (resume_check)
         if self._train_sampler is not None:
             ret["data_stream"] = {"seed": self._train_sampler.seed}
         return ret
@@ -356,7 +358,7 @@ class ResumableTrainer(DefaultTrainer):
         # iteration, also when prepare_output_dir did not run (ResumableTrainer used directly).
         source = self.checkpointer.get_checkpoint_file() or self.cfg.OUTPUT_DIR
         validate_trainer_state(state_dict, source, self._trainer.optimizer)
-        check_resumed_config(state_dict.get("config"), self.cfg, source, log_changes=False)
+        check_resumed_config(state_dict.get("config"), self._given_cfg, source, log_changes=False)
         super().load_state_dict(state_dict)
         stream = state_dict.get("data_stream")
         if stream is not None and self._train_sampler is not None:
