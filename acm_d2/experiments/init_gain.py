@@ -302,13 +302,18 @@ def first_steps(model: nn.Module, inputs: List[dict], learning_rates: Sequence[f
                 weight_decay: float = 1e-4) -> List[float]:
     """SGD steps on the same ``inputs`` as Detectron2's SimpleTrainer takes them, one per
     learning rate of ``learning_rates`` (the warmup's); returns the total loss before each step
-    and after the last (len(learning_rates) + 1 values, inf / nan where it diverged)."""
+    and after the last (len(learning_rates) + 1 values; it stops at the first non-finite one, nan
+    where the RPN refused non-finite predictions)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=learning_rates[0], momentum=momentum, weight_decay=weight_decay)
     model.train()
     losses = []
     for lr in list(learning_rates) + [None]:
-        loss = _loss(model, inputs)
+        try:
+            loss = _loss(model, inputs)
+        except FloatingPointError:  # Detectron2's RPN: "Predicted boxes or scores contain Inf/NaN"
+            losses.append(math.nan)
+            break
         losses.append(float(loss))
         if lr is None or not math.isfinite(losses[-1]):
             break
@@ -407,14 +412,19 @@ def plain_start(config_file: str, opts: Sequence[str], backbone_weights: Optiona
     with MODEL.ACM.MODULE "none", its bottom-up backbone loaded from ``backbone_weights`` (a
     Detectron2 checkpoint of a model trained with BN, whose BN weights and statistics become
     FrozenBN's), the rest freshly initialised (seed ``seed``), as when a user starts from
-    ImageNet weights. Without weights (``backbone_weights`` None), the random backbone's
-    FrozenBN statistics are set from the images ``calibrate_on`` (:func:`frozen_bn_from_images`)."""
+    ImageNet weights. Without weights (``backbone_weights`` None), the backbone is random and
+    its FrozenBN statistics are set from the images ``calibrate_on``
+    (:func:`frozen_bn_from_images`), or, without those, FrozenBN's defaults (the identity)."""
     from detectron2.modeling import build_model
 
     from ..checkpoint import safe_torch_load
     from ..config import get_acm_cfg
 
-    if backbone_weights is None:
+    if backbone_weights is None and calibrate_on is None:  # FrozenBN's defaults: the identity
+        cfg = get_acm_cfg(config_file, list(opts) + _PLAIN + ["MODEL.RESNETS.NORM", "FrozenBN"])
+        torch.manual_seed(seed)
+        state = build_model(cfg).state_dict()
+    elif backbone_weights is None:
         # FREEZE_AT 0 while calibrating: every stage's BN gets the statistics, frozen ones too.
         cfg = get_acm_cfg(config_file, list(opts) + _PLAIN + ["MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0"])
         torch.manual_seed(seed)
@@ -458,3 +468,370 @@ def measure_start(config_file: str, opts: Sequence[str], state: Dict[str, torch.
         out[label] = {"modules": rows, "gradients": grads, "losses": losses, "learning_rates": rates}
         logger.info("%s: backbone gradient %.4g, losses %s", label, grads["all"], ["%.4g" % v for v in losses])
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Training from a user's start: plain vs ACM with either init, several seeds.
+
+
+def write_backbone_checkpoint(trained: str, out: str) -> Path:
+    """Write to ``out`` a Detectron2 checkpoint holding only the bottom-up backbone of the
+    checkpoint ``trained`` (as ImageNet weights hold only the backbone)."""
+    from ..checkpoint import safe_torch_load
+
+    state = safe_torch_load(trained)
+    state = state.get("model", state)
+    backbone = {k: v for k, v in state.items() if k.startswith("backbone.bottom_up.") and not k.endswith("num_batches_tracked")}
+    if not backbone:
+        raise ValueError(f"{trained} has no backbone.bottom_up.* keys")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": backbone}, out)
+    return out
+
+
+def read_training_curve(output_dir) -> Dict[str, list]:
+    """{"iteration": [...], "total_loss": [...]} from a run's metrics.json."""
+    curve: Dict[str, list] = {"iteration": [], "total_loss": []}
+    path = Path(output_dir) / "metrics.json"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if "total_loss" in entry:
+                curve["iteration"].append(entry["iteration"])
+                curve["total_loss"].append(entry["total_loss"])
+    return curve
+
+
+def run_init_comparison(config_file: str, weights: str, output_dir, labels: Sequence[str], seeds: int,
+                        opts: Sequence[str] = (), jobs: int = 2, threads: int = 1, reuse: bool = True) -> List[Dict]:
+    """Train ``config_file`` + ``opts`` from ``weights`` (MODEL.WEIGHTS) with MODEL.RESNETS.NORM
+    FrozenBN, once per label of ``labels`` (:func:`module_overrides`) and seed 0..``seeds``-1,
+    each a tools/train_net.py run (``jobs`` at a time, ``threads`` each) in
+    ``output_dir/<label>/seed<i>``; finished runs are reused. Returns one dict per run:
+    label, seed, metrics (AP), curve (:func:`read_training_curve`), or failed (the error)."""
+    from .runs import run_train_net
+
+    out = Path(output_dir)
+
+    def one(label: str, seed: int) -> Dict:
+        run_dir = out / label.replace(" ", "_") / f"seed{seed}"
+        run_opts = list(opts) + ["MODEL.WEIGHTS", str(Path(weights).resolve()), "MODEL.RESNETS.NORM", "FrozenBN"]
+        run_opts += module_overrides(label) + ["SEED", str(seed)]
+        done = run_dir / "result.json"
+        if reuse and done.is_file():
+            saved = json.loads(done.read_text())
+            if saved.get("opts") == run_opts:
+                logger.info("Reusing %s", done)
+                return saved
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result = {"label": label, "seed": seed, "opts": run_opts}
+        try:
+            result["metrics"] = run_train_net(config_file, run_opts, run_dir, threads=threads, log_path=run_dir / "train_net.out")
+        except RuntimeError as e:
+            logger.error("%s seed %d failed: %s", label, seed, e)
+            result["failed"] = str(e)
+        result["curve"] = read_training_curve(run_dir)
+        if "failed" not in result:
+            done.write_text(json.dumps(result, indent=1))
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(one, label, seed) for seed in range(seeds) for label in labels]
+        return [f.result() for f in futures]
+
+
+def scale_residual_features(state: Dict[str, torch.Tensor], factor: float, stages: Sequence[str] = ("res3", "res4", "res5")
+                            ) -> Dict[str, torch.Tensor]:
+    """A copy of the plain ``state`` whose blocks in ``stages`` have the affine weight and bias
+    of their last norm (the input of a residual-branch module) multiplied by ``factor``: the
+    same network with residual-branch features of ``factor`` times the spatial std and means,
+    to measure the modules' gains as a function of the feature statistics in a real network."""
+    out = dict(state)
+    blocks = {k.rsplit(".conv", 1)[0] for k in state if k.startswith("backbone.bottom_up.res") and ".conv" in k}
+    for block in blocks:
+        if block.split(".")[2] not in stages:
+            continue
+        last = "conv3" if f"{block}.conv3.weight" in state else "conv2"
+        for name in ("weight", "bias"):
+            key = f"{block}.{last}.norm.{name}"
+            out[key] = state[key] * factor
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The measurements of docs/initialisation.md, their tables and figures.
+
+#: The built-in R-18 setting and the COCO R-50 config the scenarios use.
+R18_CONFIG = "configs/Synthetic/mask_rcnn_R_18_FPN_acm.yaml"
+R50_CONFIG = "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml"
+
+#: What each whole-model scenario measures: a user's start and the labels compared.
+SCENARIOS = {
+    "pretrained": "R-18 trained on the built-in data (BN -> FrozenBN), modules inserted, 96 px images",
+    "pretrained_384": "the same R-18 start, images upsampled to 384 px (16x the positions)",
+    "random_calibrated": "R-50 with random weights, FrozenBN statistics set from an image, 320 px images",
+    "random_default": "R-50 with random weights, FrozenBN with its defaults (mean 0, var 1), 320 px images",
+}
+
+#: The peers measured when they are registered (their default settings).
+PEERS = ("SE", "GC", "CBAM", "NL", "CC")
+
+_SWEEP_SIGMAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+def _registered_peers() -> List[str]:
+    names = [cls.NAME if hasattr(cls, "NAME") else cls.__name__ for cls in context_module_types()]
+    return [p for p in PEERS if p in names]
+
+
+def _peer_factory(name: str, channels: int) -> Callable[[], nn.Module]:
+    from ..modeling.context import build_context_module
+
+    return lambda: build_context_module(name, channels)
+
+
+def run_sweep(channels: int = 512, groups: int = 16, size: int = 16, sigmas: Sequence[float] = _SWEEP_SIGMAS,
+              means: Sequence[float] = (0.0, 3.0)) -> List[Dict]:
+    """:func:`sweep_feature_statistics` for ACM (both inits) and the registered peers."""
+    from ..modeling.acm import ACM
+
+    factories = {"ACM authors": lambda: ACM(channels, groups), "ACM identity": lambda: ACM(channels, groups, init="identity")}
+    factories.update({name: _peer_factory(name, channels) for name in _registered_peers()})
+    return sweep_feature_statistics(factories, channels, size, sigmas, means)
+
+
+def run_scenario(name: str, pretrained: Optional[str], quick: bool = False) -> Dict:
+    """One scenario of :data:`SCENARIOS`: {label: :func:`measure_start` entry}, plus
+    "scaled": :func:`jacobian_gains` of each authors-init ACM at its real X times 3 and 10."""
+    from ..config import get_acm_cfg
+
+    if name.startswith("pretrained"):
+        if not pretrained:
+            raise ValueError(f"scenario {name!r} needs the trained plain checkpoint (--pretrained)")
+        size = "384" if name == "pretrained_384" else "96"
+        opts = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.FREEZE_AT", "2", "INPUT.MIN_SIZE_TRAIN", f"({size},)",
+                "INPUT.MAX_SIZE_TRAIN", size] + coco_recipe(4)
+        config, count, rates = R18_CONFIG, 4, None
+        labels = ["plain", "ACM authors", "ACM identity"] + _registered_peers()
+        if name == "pretrained_384":
+            labels = ["plain", "ACM authors", "ACM identity", "SE"]
+    else:
+        opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "DATASETS.TRAIN", "('acm_synthetic_train',)",
+                "INPUT.MIN_SIZE_TRAIN", "(320,)", "INPUT.MAX_SIZE_TRAIN", "320"] + coco_recipe(2)
+        config, count, rates = R50_CONFIG, 2, [1e-5] * 3  # the issue's check: SGD, lr 1e-5, 3 steps
+        labels = ["plain", "ACM authors", "ACM identity", "SE"]
+        pretrained = None
+    if quick:
+        opts += ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64"]
+        count, labels = 2, labels[:3]
+    cfg = get_acm_cfg(config, opts)
+    inputs = training_inputs(cfg, count)
+    calibrate = inputs[:1] if name == "random_calibrated" else None
+    state = plain_start(config, opts, pretrained, calibrate_on=calibrate)
+    results = measure_start(config, opts, state, {label: module_overrides(label) for label in labels}, inputs,
+                            steps=3, learning_rates=rates, jacobian=name != "random_default" and not quick, iterations=8)
+    # The same modules on their real X scaled up: the gain as a function of sigma in this network.
+    acm_cfg = get_acm_cfg(config, list(opts) + ["MODEL.RESNETS.NORM", "FrozenBN"] + module_overrides("ACM authors"))
+    model = build_from_state(acm_cfg, state)
+    model.train()
+    scaled = []
+    with probe_context_modules(model) as records, torch.no_grad():
+        _loss(model, inputs[:1])
+    modules = named_context_modules(model)
+    for module_name, x, _ in records:
+        for factor in (1.0, 3.0, 10.0) if not quick else (1.0,):
+            row = {"module": module_name, "factor": factor}
+            row.update(jacobian_gains(modules[module_name], factor * x, iterations=8))
+            scaled.append(row)
+    results["scaled"] = scaled
+    results["description"] = SCENARIOS[name]
+    return results
+
+
+def _plot_sweep(rows: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(axes, ("top", "coherent", "white"), (
+            "largest singular value of dY/dX", "gain on a spatially constant dY", "gain on a white-noise dY")):
+        for label in dict.fromkeys(r["module"] for r in rows):
+            mine = [r for r in rows if r["module"] == label and r["mean_set"] == 0.0]
+            ax.plot([r["sigma_set"] for r in mine], [r[key] for r in mine], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("spatial std sigma of X")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("||J^T u|| / ||u||")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_modules(scenarios: Dict[str, Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SCENARIOS if n in scenarios]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        labels = [label for label, v in scenarios[name].items() if isinstance(v, dict) and v.get("modules")]
+        for label in labels:
+            ratios = [r["grad_ratio"] for r in scenarios[name][label]["modules"]]
+            ax.plot(range(len(ratios)), ratios, marker="o", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("module (forward order)")
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("||dL/dX|| / ||dL/dY||")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_training(runs: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label in dict.fromkeys(r["label"] for r in runs):
+        curves = [r["curve"] for r in runs if r["label"] == label and r["curve"]["iteration"]]
+        if not curves:
+            continue
+        length = min(len(c["iteration"]) for c in curves)
+        its = curves[0]["iteration"][:length]
+        mean = [statistics.fmean(c["total_loss"][i] for c in curves) for i in range(length)]
+        ax.plot(its, mean, marker=".", label=f"{label} ({len(curves)} seeds)")
+        for c in curves:
+            ax.plot(c["iteration"], c["total_loss"], alpha=0.2, color=ax.lines[-1].get_color())
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("total training loss (20-iteration median)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf"
+    return f"{value:.3g}"
+
+
+def report_markdown(results: Dict, runs: Optional[List[Dict]] = None) -> str:
+    """The tables of docs/initialisation.md from :func:`run_sweep` / :func:`run_scenario`
+    results (``results["sweep"]``, ``results[<scenario>]``) and training ``runs``."""
+    lines: List[str] = []
+    if "sweep" in results:
+        rows = results["sweep"]
+        lines += ["### Single modules on Gaussian X (C = %d, %d x %d)" % (results.get("sweep_channels", 0), results.get("sweep_size", 0), results.get("sweep_size", 0)), "",
+                  "top / coherent / white gain of J^T; columns: the spatial std sigma of X; rows with "
+                  "\"mean 3\": per-channel means drawn as N(0, 3^2) added.", ""]
+        sigmas = sorted({r["sigma_set"] for r in rows})
+        lines.append("| module | means | " + " | ".join(f"sigma {s:g}" for s in sigmas) + " |")
+        lines.append("|---|---|" + "---|" * len(sigmas))
+        for label in dict.fromkeys(r["module"] for r in rows):
+            for mean in sorted({r["mean_set"] for r in rows}):
+                cells = []
+                for s in sigmas:
+                    r = next(r for r in rows if r["module"] == label and r["mean_set"] == mean and r["sigma_set"] == s)
+                    cells.append(f"{_fmt(r['top'])} / {_fmt(r['coherent'])} / {_fmt(r['white'])}")
+                lines.append(f"| {label} | {mean:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for name in SCENARIOS:
+        if name not in results:
+            continue
+        scenario = results[name]
+        lines += [f"### {name}: {scenario['description']}", ""]
+        lines.append("| start | backbone gradient norm | x plain | loss before step 1, 2, 3 and after | per-module ||dL/dX|| / ||dL/dY|| | per-module sigma of X |")
+        lines.append("|---|---|---|---|---|---|")
+        plain = scenario.get("plain", {}).get("gradients", {}).get("all", math.nan)
+        for label, entry in scenario.items():
+            if not isinstance(entry, dict) or "gradients" not in entry:
+                continue
+            g = entry["gradients"]["all"]
+            lines.append(
+                f"| {label} | {_fmt(g)} | {_fmt(g / plain if plain else math.nan)} | "
+                + ", ".join(_fmt(v) for v in entry["losses"]) + " | "
+                + " ".join(_fmt(r["grad_ratio"]) for r in entry["modules"]) + " | "
+                + " ".join(_fmt(r["sigma"]) for r in entry["modules"]) + " |"
+            )
+        jac = [(label, r) for label, entry in scenario.items() if isinstance(entry, dict) and "modules" in entry
+               for r in entry["modules"] if "top" in r]
+        if jac:
+            lines += ["", "Jacobian at each module's X (first image):", "",
+                      "| start | module | C | HW | sigma | mean | forward ||Y-X||/||X|| | white | coherent | top | map flatness | mean P |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for label, r in jac:
+                lines.append(
+                    f"| {label} | {r['module'].replace('backbone.bottom_up.', '')} | {r['channels']} | {r['hw']} | {_fmt(r['sigma'])} | "
+                    f"{_fmt(r['mean'])} | {_fmt(r['forward'])} | {_fmt(r['white'])} | {_fmt(r['coherent'])} | {_fmt(r['top'])} | "
+                    f"{_fmt(r.get('flatness'))} | {_fmt(r.get('mean_P'))} |"
+                )
+        if scenario.get("scaled"):
+            factors = sorted({r["factor"] for r in scenario["scaled"]})
+            lines += ["", "ACM (authors' init) at its real X times a factor: top / coherent gain", "",
+                      "| module | " + " | ".join(f"X x {f:g}" for f in factors) + " |", "|---|" + "---|" * len(factors)]
+            for module in dict.fromkeys(r["module"] for r in scenario["scaled"]):
+                cells = [next(r for r in scenario["scaled"] if r["module"] == module and r["factor"] == f) for f in factors]
+                lines.append(f"| {module.replace('backbone.bottom_up.', '')} | " + " | ".join(
+                    f"{_fmt(c['top'])} / {_fmt(c['coherent'])}" for c in cells) + " |")
+        lines.append("")
+    if runs:
+        lines += ["### Training from the pretrained start (mean ± sample std over seeds)", "",
+                  "| start | seeds | diverged | AP box | AP mask | first logged loss (iter 20) | last logged loss |", "|---|---|---|---|---|---|---|"]
+        for label in dict.fromkeys(r["label"] for r in runs):
+            mine = [r for r in runs if r["label"] == label]
+            ok = [r for r in mine if "failed" not in r]
+
+            def ms(values):
+                values = [v for v in values if v is not None and math.isfinite(v)]
+                if not values:
+                    return "n/a"
+                return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+            lines.append(
+                f"| {label} | {len(mine)} | {len(mine) - len(ok)} | {ms([r['metrics'].get('bbox/AP') for r in ok])} | "
+                f"{ms([r['metrics'].get('segm/AP') for r in ok])} | "
+                f"{ms([r['curve']['total_loss'][0] for r in mine if r['curve']['total_loss']])} | "
+                f"{ms([r['curve']['total_loss'][-1] for r in mine if r['curve']['total_loss']])} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: Dict, out_dir, images_dir=None, runs: Optional[List[Dict]] = None) -> Dict[str, Path]:
+    """Write ``init_gain.json`` and ``init_gain.md`` to ``out_dir`` and the figures
+    (``init_gain_sweep.png``, ``init_gain_modules.png``, ``init_training.png``, those whose
+    data there is) to ``images_dir`` (default ``out_dir``). Returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = Path(images_dir) if images_dir else out
+    images.mkdir(parents=True, exist_ok=True)
+    written = {"json": out / "init_gain.json", "markdown": out / "init_gain.md"}
+    written["json"].write_text(json.dumps({"results": results, "runs": runs or []}, indent=1))
+    written["markdown"].write_text(report_markdown(results, runs))
+    if results.get("sweep"):
+        written["sweep"] = images / "init_gain_sweep.png"
+        _plot_sweep(results["sweep"], written["sweep"])
+    if any(name in results for name in SCENARIOS):
+        written["modules"] = images / "init_gain_modules.png"
+        _plot_modules(results, written["modules"])
+    if runs:
+        written["training"] = images / "init_training.png"
+        _plot_training(runs, written["training"])
+    return written
