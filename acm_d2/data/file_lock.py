@@ -20,20 +20,18 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def exclusive_lock(path: "os.PathLike[str] | str", what: str) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``path`` (created if needed) or on the existing
-    folder ``path`` while the block runs.
+    """Hold an exclusive lock on the file ``path`` (created if needed) while the block runs.
 
     Waits for the process holding it, logging once that it waits (``what`` names the cache,
-    e.g. "the synthetic dataset cache /x"). A lock file is left in place (empty).
+    e.g. "the synthetic dataset cache /x"). The lock file is left in place (empty). Where no
+    lock can be had (a read-only folder, a file system without locks) the block runs without
+    one, with a warning: nothing can be built in a read-only cache, and reading needs no lock.
     """
     path = os.fspath(path)
     try:
-        if os.path.isdir(path):
-            fd = os.open(path, os.O_RDONLY)
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:  # a read-only cache: nothing can be built there, reading needs no lock
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
         logger.warning("Cannot create the lock %s (%s): using %s without a lock", path, e, what)
         yield
         return
@@ -45,6 +43,8 @@ def exclusive_lock(path: "os.PathLike[str] | str", what: str) -> Iterator[None]:
             start = time.monotonic()
             fcntl.flock(fd, fcntl.LOCK_EX)
             logger.info("Waited %.1f s for %s", time.monotonic() - start, what)
+        except OSError as e:  # e.g. ENOLCK: no locks on this file system
+            logger.warning("Cannot lock %s (%s): using %s without a lock", path, e, what)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -387,7 +387,8 @@ def cached_dataset(spec: SyntheticSpec, cache_root: Optional[Path] = None) -> Di
     root.mkdir(parents=True, exist_ok=True)
     # One process (of the ranks, or of runs sharing the cache) checks and builds; the others
     # wait and then find it complete.
-    with exclusive_lock(root, f"the synthetic dataset cache {folder}"):  # a lock on the cache folder itself
+    # (the lock file is next to the cache folder, which holds only datasets)
+    with exclusive_lock(root.parent / f".{root.name}.lock", f"the synthetic dataset cache {folder}"):
         problem = verify_cache(folder, spec) if folder.exists() else "not written yet"
         if problem is not None:
             if folder.exists():
