@@ -128,7 +128,8 @@ class ACM(nn.Module):
           Jacobian with respect to X (the two maps' terms cancel exactly);
         * P = sigmoid(0) = 1/2 exactly, the same for every sample and channel;
         * so Y = X / 2 exactly (Y = X for "X+(K-Q)", which has no P), and the backward pass
-          is dX = dY / 2.
+          is dX = dY / 2 (up to float rounding: the fused backward adds the K and Q terms,
+          which cancel).
 
         The halving is undone outside the module, where a network without ACM is loaded:
         :attr:`identity_input_scale` (2 here) multiplies the affine output of the layer that
