@@ -174,6 +174,7 @@ def _worker(local_rank, main_func, num_gpus, num_machines, machine_rank, dist_ur
         )
         raise GroupFormationError(f"{_describe(me)} {what} ({type(e).__name__}: {e})") from e
     _roll_call(store, me, join_timeout, dist_url)
+    store.set_timeout(timeout)  # from here on the group's own timeout, as Detectron2's
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(
