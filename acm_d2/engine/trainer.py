@@ -333,8 +333,9 @@ class ResumableTrainer(DefaultTrainer):
         super().resume_or_load(resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             apply_solver_settings(self._trainer.optimizer, self.scheduler, self._configured_groups)
-        if self._train_sampler is not None and self.start_iter < self.max_iter:  # nothing to replay after the end
-            self._train_sampler.resume(self.start_iter, self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+        if self._train_sampler is not None:
+            if self.start_iter < self.max_iter:  # (after the end there is nothing to replay)
+                self._train_sampler.resume(self.start_iter, self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         elif self.start_iter > 0:
             logger.warning("The train loader is not resumable: the data order restarts at iteration %d", self.start_iter)
         final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
