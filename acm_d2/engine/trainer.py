@@ -15,6 +15,13 @@
   ``MODEL.ROI_HEADS.NUM_CLASSES`` / ``MODEL.RETINANET.NUM_CLASSES`` are checked against the
   categories of ``DATASETS.TRAIN`` before the model is built, and again once the datasets
   are loaded (:func:`acm_d2.data.check_num_classes`), before the first iteration;
+* the categories of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` must agree by id and name
+  (:func:`acm_d2.data.check_same_categories`);
+* every checkpoint stores the config as given; on resume the checkpoint's training state is
+  validated, a config change that would break the run is refused, and the new config's LR,
+  momentum, weight decay and schedule are applied to the resumed optimizer
+  (:mod:`acm_d2.engine.resume_check`); ``acm_d2.train_net`` also locks OUTPUT_DIR and checks
+  all this before anything is written (:mod:`acm_d2.engine.run_dir`);
 * ``model_final.pth`` exists after every completed run: a run killed while writing it is
   completed by ``resume_or_load`` (it writes the file from the last checkpoint);
 * ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE`` "full_model" (clip the norm of all gradients together);
