@@ -448,7 +448,7 @@ def plain_start(config_file: str, opts: Sequence[str], backbone_weights: Optiona
 
 def measure_start(config_file: str, opts: Sequence[str], state: Dict[str, torch.Tensor], modules: Dict[str, List[str]],
                   inputs: List[dict], steps: int = 3, learning_rates: Optional[Sequence[float]] = None,
-                  **gain_options) -> Dict[str, Dict]:
+                  seed: int = 0, **gain_options) -> Dict[str, Dict]:
     """For each entry of ``modules`` (label -> MODEL.ACM overrides, e.g. {"ACM authors":
     ["MODEL.ACM.MODULE", "ACM"]}): the model of ``config_file`` + ``opts`` + the overrides
     (FrozenBN) loaded with ``state`` (a :func:`plain_start`), and measured on ``inputs``:
@@ -461,9 +461,13 @@ def measure_start(config_file: str, opts: Sequence[str], state: Dict[str, torch.
     for label, overrides in modules.items():
         cfg = get_acm_cfg(config_file, list(opts) + ["MODEL.RESNETS.NORM", "FrozenBN"] + list(overrides))
         model = build_from_state(cfg, state)
+        # The same random draws (RPN and ROI sampling) for every label: seeded before each part.
+        torch.manual_seed(seed)
         rows = measure_model(model, inputs, **gain_options) if named_context_modules(model) else []
+        torch.manual_seed(seed)
         grads = backbone_gradient_norms(model, inputs)
         rates = list(learning_rates) if learning_rates is not None else warmup_learning_rates(cfg, steps)
+        torch.manual_seed(seed)
         losses = first_steps(model, inputs, rates, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
         out[label] = {"modules": rows, "gradients": grads, "losses": losses, "learning_rates": rates}
         logger.info("%s: backbone gradient %.4g, losses %s", label, grads["all"], ["%.4g" % v for v in losses])
