@@ -480,6 +480,21 @@ def forming_driver(tmp_path):
     return path
 
 
+def _children(pid: int):
+    """The process ids whose parent is ``pid`` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return children
+
+
 def test_groups_that_cannot_form_end_naming_who_and_ctrl_c_ends_every_worker(forming_driver):
     """Run side by side (each start costs seconds): two machines that disagree on --num-machines,
     a machine 0 whose machine 1 never comes (ACM_D2_JOIN_TIMEOUT 3 s), and one interrupted."""
@@ -503,7 +518,7 @@ def test_groups_that_cannot_form_end_naming_who_and_ctrl_c_ends_every_worker(for
                     break
             assert time.monotonic() < deadline and procs[3].poll() is None, "rank 0 never served the port"
             time.sleep(0.2)
-        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(procs[3].pid)], capture_output=True, text=True).stdout.split()]
+        workers = _children(procs[3].pid)
         assert len(workers) >= 2
         procs[3].send_signal(signal.SIGINT)  # Ctrl-C, to the parent only: it must end its workers itself
         codes = [p.wait(timeout=120) for p in procs]
