@@ -565,3 +565,18 @@ def test_train_net_passes_the_outside_root_setting(tmp_path, dataset):
     cfg.DATASETS.COCO_ALLOW_OUTSIDE_ROOT = True
     register_datasets(cfg, Namespace(register_coco=[[name, str(json_file), str(images)]]))
     assert name in DatasetCatalog.list()
+
+
+def test_an_image_that_breaks_during_training_is_named(tmp_path):
+    """Files changed after registration (or datasets registered without the check)."""
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetMapper
+
+    from acm_d2.engine import SeededMapDataset
+
+    _png_with_cut_image_data(tmp_path / "cut.png")
+    item = {"file_name": str(tmp_path / "cut.png"), "image_id": 7, "height": 32, "width": 32, "annotations": []}
+    dataset = SeededMapDataset([item], DatasetMapper(get_cfg(), is_train=True), seed=0, rank=0)
+    with pytest.raises(OSError) as info:
+        dataset[(0, 0)]
+    assert f"while reading the training image {tmp_path / 'cut.png'} (image id 7)" in info.value.__notes__[0]

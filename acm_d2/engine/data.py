@@ -148,7 +148,8 @@ class SeededMapDataset(torchdata.Dataset):
     from ``(seed, rank, position)`` first, so random augmentations resume exactly.
 
     Like Detectron2's ``MapDataset``, a mapper that returns None (a sample to skip) makes it
-    try other indices, here chosen deterministically from the position.
+    try other indices, here chosen deterministically from the position. An error of the
+    mapper gets a note naming the image file (it reaches the traceback, also from a worker).
     """
 
     def __init__(self, dataset, mapper: Callable, seed: int, rank: Optional[int] = None):
@@ -165,7 +166,16 @@ class SeededMapDataset(torchdata.Dataset):
         if position is not None:
             seed_all_generators(derived_seed(self.seed, self._rank, position, 1))
         for attempt in range(10):
-            data = self._mapper(self._dataset[index])
+            item = self._dataset[index]
+            try:
+                data = self._mapper(item)
+            except Exception as e:
+                if isinstance(item, dict) and "file_name" in item and hasattr(e, "add_note"):  # Python >= 3.11
+                    e.add_note(
+                        f"while reading the training image {item['file_name']} (image id {item.get('image_id')}): "
+                        f"replace the file or remove it from the dataset"
+                    )
+                raise
             if data is not None:
                 return data
             if attempt >= 2:
