@@ -1,46 +1,142 @@
-"""tools/compare_backbones.py in a tiny setting (with an ablation variant) writes the table and the chart."""
+"""tools/compare_backbones.py: a tiny grid through the local path and through submitit's local
+executor for the SLURM path (interrupted and resumed), failed runs, the README's dry run."""
 import json
+import os
+import re
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
 
+from acm_d2.experiments.comparison import inference_seconds_per_image
+from acm_d2.experiments.grid import BACKBONES, backbone_overrides
+from acm_d2.experiments.paper import TABLE6, table6_row
+
 REPO = Path(__file__).resolve().parents[1]
+TOOL = [sys.executable, str(REPO / "tools" / "compare_backbones.py")]
+TINY = ["--quick", "--seeds", "2", "--variants", "plain,ACM", "--device", "cpu"]
+
+
+def compare(out, *args, check=True, cache=None):
+    env = dict(os.environ, ACM_D2_DATA_CACHE=str(cache or Path(out).parent / "cache"))
+    done = subprocess.run(TOOL + TINY + ["--output-dir", str(out), *args, "SOLVER.MAX_ITER", "2"], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=600, env=env)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def attempts(out):
+    return sorted(str(p.parent.relative_to(out)) for p in Path(out).glob("**/attempts.jsonl")
+                  for _ in p.read_text().splitlines())
+
+
+def tables(out):
+    """comparison.md from the AP tables to the cost table (the measured numbers)."""
+    md = (Path(out) / "comparison.md").read_text()
+    return md[md.index("### AP box"):md.index("### Cost")]
+
+
+@pytest.fixture(scope="module")
+def local_grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    compare(out, "--jobs", "2")
+    return out
 
 
 @pytest.mark.slow
-def test_tiny_comparison_writes_table_and_chart(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACM_D2_DATA_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "compare"
-    cmd = [
-        sys.executable, str(REPO / "tools" / "compare_backbones.py"), "--quick", "--seeds", "1", "--jobs", "2", "--variants", "plain,PX,ACM",
-        "--device", "cpu", "--output-dir", str(out), "SOLVER.MAX_ITER", "2",
-    ]
-    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_local_grid_writes_the_report_and_reuses_finished_runs(local_grid):
+    out = local_grid
     md = (out / "comparison.md").read_text()
     rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line]
-    # four tables (AP box, AP mask, label accuracy on the context categories, |cos(K, Q)|), each
-    # with a header and one row per variant
-    assert rows == ["variant", "plain", "PX", "ACM"] * 4
-    assert "### Mean |cosine(K, Q)| on validation" in md
-    assert "### AP box" in md and "### AP mask" in md and "### Label accuracy on the context categories" in md
-    assert "| variant | context_label_acc |" in md
+    # AP box, AP mask, label accuracy, |cos(K, Q)|, cost: a header and one row per variant each
+    assert rows == ["variant", "plain", "ACM"] * 5
     header = next(line for line in md.splitlines() if line.startswith("| variant"))
-    for col in ("AP", "context", "local", "lesion_emergency", "lesion_treated", "square", "triangle"):
+    for col in ("AP", "AP50", "AP75", "context", "local", "lesion_emergency", "square"):
         assert f" {col} |" in header
-    assert "±" in md and "compare_backbones.py --quick --seeds 1" in md
-    png = (out / "comparison.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    runs = json.loads((out / "comparison.json").read_text())["runs"]
-    assert sorted(r["variant"] for r in runs) == ["ACM", "PX", "plain"]
-    cosine = {r["variant"]: r["metrics"].get("kq/mean_abs_cosine") for r in runs}
-    assert cosine["plain"] is None and cosine["PX"] is None and 0.0 <= cosine["ACM"] <= 100.0  # only ACM has K and Q
-    assert all(0.0 <= r["metrics"]["bbox/AP"] <= 100.0 for r in runs)
-    assert all(0.0 <= r["metrics"]["context/label_acc"] <= 100.0 for r in runs)
-    # a second call reuses the finished runs instead of training again
-    again = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True)
-    assert again.returncode == 0
-    assert again.stderr.count("Reusing") == 3
+    assert "| variant | parameters (M) | context parameters (M) | GFLOPs | s / image |" in md
+    assert "Table 6" not in md  # not a COCO val grid
+    stored = json.loads((out / "comparison.json").read_text())
+    assert sorted((r["variant"], r["seed"]) for r in stored["runs"]) == [("ACM", 0), ("ACM", 1), ("plain", 0), ("plain", 1)]
+    costs = stored["costs"]
+    assert costs["ACM"]["context_parameters_m"] > 0 == costs["plain"]["context_parameters_m"]
+    assert costs["ACM"]["gflops"] > costs["plain"]["gflops"] > 0
+    assert all(r["metrics"]["time/inference_s_per_image"] > 0 for r in stored["runs"])
+    assert all(0 <= r["metrics"]["context/label_acc"] <= 100 for r in stored["runs"])
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert attempts(out) == ["ACM/seed0", "ACM/seed1", "plain/seed0", "plain/seed1"]
+    again = compare(out)
+    assert again.stderr.count("Reusing") == 4 and len(attempts(out)) == 4
+
+
+@pytest.mark.slow
+def test_slurm_path_interrupted_and_resumed_trains_each_run_once(local_grid, tmp_path):
+    out = tmp_path / "slurm"
+    slurm = ["--slurm", "--cluster", "local", "--gpus-per-node", "0", "--poll", "1"]
+    first = compare(out, *slurm, "--no-wait")  # submits every job and leaves (an interrupted call)
+    assert "Still running" in first.stdout or "Reusing" not in first.stderr
+    jobs = {json.loads(p.read_text())["job_id"] for p in out.glob("**/job.json")}
+    assert len(jobs) == 4
+    compare(out, *slurm)  # a second call submits nothing new and collects every job
+    assert attempts(out) == ["ACM/seed0", "ACM/seed1", "plain/seed0", "plain/seed1"]
+    assert {json.loads(p.read_text())["job_id"] for p in out.glob("**/job.json")} == jobs
+    assert tables(out) == tables(local_grid)  # the same trainings as the local path
+
+
+@pytest.mark.slow
+def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACM_D2_DATA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "failing"
+    bad = ["--seeds", "1", "--variants", "plain,ACM", "MODEL.ACM.GROUPS", "7"]  # no stage width divisible by 7
+    done = subprocess.run(TOOL + ["--quick", "--device", "cpu", "--output-dir", str(out), *bad], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    md = (out / "comparison.md").read_text()
+    assert "Failed runs (left out of the means; `--retry-failed` trains them again):" in md
+    assert "- ACM seed 0: tools/train_net.py failed with exit code" in md
+    assert "MODEL.ACM.GROUPS" in md  # the last lines of its log
+    assert attempts(out) == ["ACM/seed0", "plain/seed0"]
+    subprocess.run(TOOL + ["--quick", "--device", "cpu", "--output-dir", str(out), *bad], cwd=str(REPO),
+                   capture_output=True, text=True, timeout=600)
+    assert attempts(out) == ["ACM/seed0", "plain/seed0"]  # listed again, not retrained
+    subprocess.run(TOOL + ["--quick", "--device", "cpu", "--output-dir", str(out), "--retry-failed", *bad], cwd=str(REPO),
+                   capture_output=True, text=True, timeout=600)
+    assert attempts(out) == ["ACM/seed0", "ACM/seed0", "plain/seed0"]
+
+
+def test_readme_table6_command_dry_run():
+    """The README's one command for Table 6 on a cluster, and the jobs its --dry-run prints."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("# The paper's Table 6 on a cluster"):]
+    command = block[block.index("python tools/compare_backbones.py"):block.index("\n```")]
+    args = [a for a in command.replace("\\\n", " ").split()][2:]
+    done = subprocess.run(TOOL + args + ["--dry-run"], cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 15  # 3 backbones x 5 variants x 1 seed
+    documented = re.search(r"prints one line per job, the first:\n\n```\n(.*?)\n```", readme, re.S).group(1)
+    assert lines[0] == documented.replace("\\\n", "").replace("  ", " ").strip()
+    assert all(line.startswith("job: 1 node(s) x 8 GPU(s), 4320 min, partition gpu: python tools/train_net.py --resume")
+               for line in lines)
+    assert sum("MODEL.RESNETS.NUM_GROUPS 32 MODEL.RESNETS.WIDTH_PER_GROUP 8" in line for line in lines) == 5
+    assert sum("MODEL.ACM.MODULE NL" in line for line in lines) == 3
+
+
+def test_backbone_overrides_follow_the_model_zoo():
+    assert backbone_overrides("R_101", "detectron2://ImageNetPretrained/MSRA/R-50.pkl")[-4:] == [
+        "MODEL.WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-101.pkl", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0]"]
+    assert "MODEL.WEIGHTS" not in backbone_overrides("R_50", "")  # from scratch stays from scratch
+    with pytest.raises(ValueError, match=re.escape("Detectron2's model zoo has none for R_18")):
+        backbone_overrides("R_18", "detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+    with pytest.raises(ValueError, match=re.escape(f"unknown backbone 'R_200'; choose from {list(BACKBONES)}")):
+        backbone_overrides("R_200", "")
+    assert len(TABLE6) == 15 and table6_row("R_50", "ACM")["bbox/AP"] == 39.94 and table6_row("R_50", "GC") is None
+
+
+def test_inference_time_is_read_from_detectron2s_log(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("[d2.evaluation.evaluator]: Total inference time: 0:00:09.8 (0.066 s / iter per device, on 1 devices)\n"
+                   "[d2.evaluation.evaluator]: Total inference pure compute time: 0:00:07 (0.048 s / iter per device, on 1 devices)\n")
+    assert inference_seconds_per_image(log) == 0.048
+    assert inference_seconds_per_image(tmp_path / "missing.txt") is None

@@ -1,26 +1,27 @@
-"""Backbones compared on equal terms: plain vs + SE vs + ACM, and ACM with parts left out.
+"""Backbones compared on equal terms: plain vs ACM vs its peers, ACM with parts left out, on
+several backbones and seeds; the paper's Table 6 on any data.
 
 Each variant is one config with the overrides of :data:`VARIANTS` (``MODEL.ACM.MODULE`` "none"
-is the plain ResNet through the same code; ``MODEL.ACM.VARIANT`` the paper's Table 2a
-ablation). Every (variant, seed) run is a ``tools/train_net.py`` training and COCO evaluation
-with ``SEED`` set; finished runs found in the output folder are reused, so an interrupted
-comparison resumes. For runs whose ACM has K and Q, the mean |cosine(K, Q)| over the
-validation images and modules is measured from the trained weights (the paper: 0.1113 with
-lambda 0, 0.0394 with lambda 0.1). :func:`run_comparison` writes ``comparison.md`` (mean +-
-std over seeds), ``comparison.png`` and ``comparison.json``.
+is the plain ResNet through the same code; "SE", "NL", "CC", "GC", "CBAM" the peers, each
+placed as its paper places it; ``MODEL.ACM.VARIANT`` the paper's Table 2a ablation). The
+runs (backbone x variant x seed) are those of :mod:`acm_d2.experiments.grid`: local
+processes or SLURM jobs, finished ones reused. Measured per run: the COCO metrics, for ACM
+with K and Q the mean |cosine(K, Q)| over the validation images and modules (the paper:
+0.1113 with lambda 0, 0.0394 with lambda 0.1), and on the built-in data the label accuracy
+on the context categories; per model: parameters, FLOPs and the inference time per image.
+:func:`run_comparison` writes ``comparison.md``, ``comparison.png`` and ``comparison.json``
+(:mod:`acm_d2.experiments.report`).
 """
 import json
 import logging
 import math
-import statistics
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
-from .runs import run_train_net
+from .grid import GridRun, SlurmSettings, plan, run_grid
+from .report import summarize, write_chart, write_markdown
 
-__all__ = ["VARIANTS", "context_label_accuracy", "mean_abs_kq_cosine", "run_comparison", "summarize"]
+__all__ = ["VARIANTS", "context_label_accuracy", "mean_abs_kq_cosine", "model_costs", "run_comparison"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,43 +44,6 @@ VARIANTS = {
 }
 
 
-def _run_dir(out: Path, variant: str, seed: int) -> Path:
-    """A folder name for a variant: "P(X+K)" -> "P_X+K_"."""
-    safe = "".join(ch if ch.isalnum() or ch in "+-=" else "_" for ch in variant)
-    return out / safe / f"seed{seed}"
-
-
-def _run_one(config_file, base_opts, variant, seed, out, threads, reuse):
-    run_dir = _run_dir(out, variant, seed)
-    done = run_dir / "result.json"
-    if done.is_file() and reuse:
-        with open(done) as f:
-            saved = json.load(f)
-        if saved.get("opts") == base_opts + VARIANTS[variant] + ["SEED", str(seed)]:
-            logger.info("Reusing %s", done)
-            return saved
-    opts = base_opts + VARIANTS[variant] + ["SEED", str(seed)]
-    start = time.time()
-    logger.info("Training %s seed %d -> %s", variant, seed, run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = run_train_net(config_file, opts, run_dir, threads=threads or None, log_path=run_dir / "train_net.out")
-    except RuntimeError as e:  # e.g. "Training has diverged": report it, keep the other runs
-        logger.error("%s seed %d failed: %s", variant, seed, e)
-        return {"variant": variant, "seed": seed, "opts": opts, "metrics": {}, "failed": str(e)}
-    settings = dict(zip(opts[::2], opts[1::2]))  # a later override wins, as in the config
-    if settings.get("MODEL.ACM.MODULE") == "ACM" and settings.get("MODEL.ACM.VARIANT", "P(X+(K-Q))") in ("P(X+(K-Q))", "X+(K-Q)"):
-        metrics["kq/mean_abs_cosine"] = mean_abs_kq_cosine(config_file, opts + ["MODEL.WEIGHTS", str(run_dir / "model_final.pth")])
-    result = {"variant": variant, "seed": seed, "opts": opts, "metrics": metrics, "seconds": time.time() - start}
-    with open(done, "w") as f:
-        json.dump(result, f, indent=1)
-    logger.info(
-        "%s seed %d: AP box %.2f, AP mask %.2f (%.0f s)",
-        variant, seed, metrics.get("bbox/AP", math.nan), metrics.get("segm/AP", math.nan), result["seconds"],
-    )
-    return result
-
-
 def mean_abs_kq_cosine(config_file, opts: Sequence[str], max_images: int = 150) -> float:
     """Mean over the first ``max_images`` validation images and over the ACM modules of
     |cosine(K, Q)|, with the weights of MODEL.WEIGHTS in ``opts``, on the CPU."""
@@ -94,13 +58,6 @@ def mean_abs_kq_cosine(config_file, opts: Sequence[str], max_images: int = 150) 
         attention = attention_on_image(loaded.model, image, loaded.augmentation, loaded.input_format)
         values += [abs(v) for v in attention.cosine.values()]
     return float(np.mean(values)) * 100.0  # in %, like the AP columns
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _iou_xywh(a, b):
@@ -135,146 +92,159 @@ def context_label_accuracy(results_json, gt_json, context_classes, iou=0.5):
     return 100.0 * correct / total if total else math.nan
 
 
-def _add_context_accuracy(results, cfg, context_classes, out):
-    """Add ``context/label_acc`` to each run's metrics (from its saved COCO detections)."""
-    from detectron2.data import MetadataCatalog
+def _kq_similarity(config_file: str):
+    """What a finished run adds to its metrics, once: for ACM with K and Q, the mean |cos(K, Q)|."""
 
-    gt_json = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("json_file")
-    for r in results:
-        if r.get("failed"):
+    def measure(run: GridRun) -> Dict[str, float]:
+        settings = dict(zip(run.opts[::2], run.opts[1::2]))  # a later override wins, as in the config
+        if settings.get("MODEL.ACM.MODULE") == "ACM" and settings.get("MODEL.ACM.VARIANT", "P(X+(K-Q))") in ("P(X+(K-Q))", "X+(K-Q)"):
+            weights = ["MODEL.WEIGHTS", str(run.run_dir / "model_final.pth")]
+            return {"kq/mean_abs_cosine": mean_abs_kq_cosine(config_file, run.opts + weights)}
+        return {}
+
+    return measure
+
+
+def _add_run_files(results: Sequence[dict], runs: Sequence[GridRun], gt_json: Optional[str], context_classes) -> None:
+    """Add to each finished run's metrics what its files hold: the label accuracy on the
+    context categories (its saved COCO detections) and the inference time per image (log.txt)."""
+    folders = {(r.backbone, r.variant, r.seed): r.run_dir for r in runs}
+    for result in results:
+        run_dir = folders.get((result.get("backbone"), result["variant"], result["seed"]))
+        if run_dir is None:
             continue
-        det = _run_dir(out, r["variant"], r["seed"]) / "inference" / "coco_instances_results.json"
-        if gt_json and det.is_file():
-            r["metrics"]["context/label_acc"] = context_label_accuracy(det, gt_json, context_classes)
+        detections = run_dir / "inference" / "coco_instances_results.json"
+        if context_classes and gt_json and detections.is_file():
+            result["metrics"]["context/label_acc"] = context_label_accuracy(detections, gt_json, context_classes)
+        seconds = inference_seconds_per_image(run_dir / "log.txt")
+        if seconds is not None:
+            result["metrics"]["time/inference_s_per_image"] = seconds
 
 
-def summarize(results, variants, classes, context_classes, local_classes):
-    """{variant: {column: (mean, std, n)}} with columns "box AP", "mask AP", "box <cls>", ..."""
-    columns = []
-    for task, short in (("bbox", "box"), ("segm", "mask")):
-        columns.append((f"{short} AP", lambda m, t=task: m.get(f"{t}/AP", math.nan)))
-        for group, members in (("context", context_classes), ("local", local_classes)):
-            if members:
-                columns.append(
-                    (f"{short} {group}", lambda m, t=task, c=members: statistics.fmean(m.get(f"{t}/AP-{x}", math.nan) for x in c))
-                )
-        for cls in classes:
-            columns.append((f"{short} {cls}", lambda m, t=task, c=cls: m.get(f"{t}/AP-{c}", math.nan)))
-    if context_classes:
-        columns.append(("label context_label_acc", lambda m: m.get("context/label_acc", math.nan)))
-    if any("kq/mean_abs_cosine" in r["metrics"] for r in results):
-        columns.append(("kq mean_abs_cosine", lambda m: m.get("kq/mean_abs_cosine", math.nan)))
-    table = {}
-    for variant in variants:
-        runs = [r for r in results if r["variant"] == variant and not r.get("failed")]
-        table[variant] = {name: (*_mean_std([fn(r["metrics"]) for r in runs]), len(runs)) for name, fn in columns}
-    return table, [name for name, _ in columns]
+def inference_seconds_per_image(log_txt) -> Optional[float]:
+    """The last "Total inference pure compute time: ... (X s / iter per device, ...)" of a
+    Detectron2 log (one image per iteration in evaluation), or None."""
+    import re
+
+    found = None
+    try:
+        with open(log_txt, errors="replace") as f:
+            for line in f:
+                match = re.search(r"Total inference pure compute time: \S+ \(([0-9.]+) s / iter per device", line)
+                if match:
+                    found = float(match.group(1))
+    except OSError:
+        return None
+    return found
 
 
-def write_markdown(path, table, columns, variants, command, n_seeds, context_classes, local_classes, failures=()):
-    def cell(ms):
-        mean, std, _ = ms
-        return "n/a" if math.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+def model_costs(config_file: str, opts: Sequence[str]) -> Dict[str, float]:
+    """Parameters (millions: the whole model, and its context modules) and GFLOPs of one test
+    image (the first of the test set, resized as at test time; fvcore with acm-d2's handles)
+    of the model of ``config_file`` + ``opts``, built on the CPU without weights."""
+    import torch
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+    from detectron2.utils.analysis import FlopCountAnalysis
 
-    lines = [
-        f"AP (COCO AP@[.5:.95], in %) as mean ± sample std over {n_seeds} seed(s).",
-        "",
-        f"Command: `{command}`",
-        "",
-    ]
-    if context_classes or local_classes:
-        lines += [
-            f"Context categories (label decided only by far-away context): {', '.join(context_classes)}; "
-            f"local categories (control): {', '.join(local_classes)}. "
-            f"\"context\"/\"local\" columns are the mean AP over those categories. "
-            f"\"context_label_acc\": percent of ground-truth objects of the context categories whose "
-            f"best-scoring detection among those categories (box IoU >= 0.5) has the right label "
-            f"(a miss counts as wrong).",
-            "",
-        ]
-    sections = [("box", "AP box"), ("mask", "AP mask")]
-    if any(c.startswith("label ") for c in columns):
-        sections.append(("label", "Label accuracy on the context categories (%)"))
-    if any(c.startswith("kq ") for c in columns):
-        sections.append(("kq", "Mean |cosine(K, Q)| on validation (x 100; paper: 11.13 with lambda 0, 3.94 with 0.1)"))
-    for short, title in sections:
-        cols = [c for c in columns if c.startswith(short + " ")]
-        lines.append(f"### {title}")
-        lines.append("")
-        lines.append("| variant | " + " | ".join(c[len(short) + 1:] for c in cols) + " |")
-        lines.append("|---|" + "---|" * len(cols))
-        for v in variants:
-            lines.append(f"| {v} | " + " | ".join(cell(table[v][c]) for c in cols) + " |")
-        lines.append("")
-    if failures:
-        lines.append("Failed runs (left out of the means):")
-        lines += [f"- {r['variant']} seed {r['seed']}: {r['failed'].splitlines()[0]}" for r in failures]
-        lines.append("")
-    Path(path).write_text("\n".join(lines))
+    from ..config import get_acm_cfg
+    from ..modeling import add_acm_flop_handles, context_modules
 
-
-def write_chart(path, table, columns, variants):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), squeeze=False)
-    for ax, (short, title) in zip(axes[0], (("box", "AP box"), ("mask", "AP mask"))):
-        cols = [c for c in columns if c.startswith(short + " ")]
-        x = np.arange(len(cols))
-        width = 0.8 / max(len(variants), 1)
-        for i, v in enumerate(variants):
-            means = [table[v][c][0] for c in cols]
-            stds = [table[v][c][1] for c in cols]
-            ax.bar(x + (i - (len(variants) - 1) / 2) * width, np.nan_to_num(means), width, yerr=np.nan_to_num(stds),
-                   capsize=2, label=v)
-        ax.set_xticks(x)
-        ax.set_xticklabels([c[len(short) + 1:] for c in cols], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("AP (%)")
-        ax.set_title(f"{title}: mean ± std over seeds")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    cfg = get_acm_cfg(str(config_file), list(opts) + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg).eval()
+    record = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
+    scale = min(cfg.INPUT.MIN_SIZE_TEST / min(record["height"], record["width"]),
+                cfg.INPUT.MAX_SIZE_TEST / max(record["height"], record["width"]))
+    size = (int(record["height"] * scale + 0.5), int(record["width"] * scale + 0.5))
+    analysis = add_acm_flop_handles(FlopCountAnalysis(model, [{"image": torch.rand(3, *size) * 255}]))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.no_grad():
+        flops = analysis.total()
+    return {
+        "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "context_parameters_m": sum(p.numel() for m in context_modules(model).values() for p in m.parameters()) / 1e6,
+        "gflops": flops / 1e9,
+        "flops_input": list(size),
+    }
 
 
 def run_comparison(config_file, output_dir, variants: Sequence[str], seeds: int, base_opts: Sequence[str],
-                   jobs: int = 2, threads: int = 1, reuse: bool = True, command: str = "") -> Dict:
-    """Train every (variant, seed), ``jobs`` at a time, and write the table, chart and JSON.
+                   backbones: Sequence[Optional[str]] = (None,), jobs: int = 2, threads: int = 1,
+                   slurm: Optional[SlurmSettings] = None, retry_failed: bool = False, wait: bool = True,
+                   dry_run: bool = False, command: str = "", poll_s: float = 30.0) -> Dict:
+    """Run the grid (backbones x variants x seeds), then write the table, chart and JSON.
 
-    Returns {"markdown": path, "chart": path, "table": ..., "columns": [...]}."""
+    With ``dry_run`` nothing runs: returns {"commands": [one line per run]}. Otherwise returns
+    {"markdown", "chart", "json": paths, "table", "columns", "failed", "running"}."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from ..config import get_acm_cfg
     from ..data import ensure_synthetic_dataset
+    from .grid import backbone_of
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     cfg = get_acm_cfg(str(config_file), list(base_opts))
+    runs = plan(config_file, output_dir, list(backbones), list(variants), seeds, list(base_opts), VARIANTS, cfg.MODEL.WEIGHTS)
+    if dry_run:
+        if slurm is None:
+            return {"commands": [run.command(config_file) for run in runs]}
+        job = (f"job: {slurm.nodes} node(s) x {slurm.gpus_per_node} GPU(s), {slurm.time_min} min"
+               f"{', partition ' + slurm.partition if slurm.partition else ''}"
+               f"{', account ' + slurm.account if slurm.account else ''}: ")
+        return {"commands": [job + run.command(config_file) for run in runs]}
     ensure_synthetic_dataset(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(v, s) for s in range(seeds) for v in variants]
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda job: _run_one(config_file, list(base_opts), job[0], job[1], out, threads, reuse), todo))
-
-    DatasetCatalog.get(cfg.DATASETS.TEST[0])  # loading sets the metadata's thing_classes
-    meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-    classes = list(meta.get("thing_classes", []))
+    test_set = cfg.DATASETS.TEST[0]
+    DatasetCatalog.get(test_set)  # loading sets the metadata's thing_classes
+    meta = MetadataCatalog.get(test_set)
     context_classes = list(meta.get("context_classes", []))
-    local_classes = list(meta.get("local_classes", []))
-    if context_classes:
-        _add_context_accuracy(results, cfg, context_classes, out)
-    table, columns = summarize(results, list(variants), classes, context_classes, local_classes)
-    md, png = out / "comparison.md", out / "comparison.png"
-    failures = [r for r in results if r.get("failed")]
-    write_markdown(md, table, columns, list(variants), command, seeds, context_classes, local_classes, failures)
-    write_chart(png, table, columns, list(variants))
-    with open(out / "comparison.json", "w") as f:
-        json.dump({"command": command, "runs": results, "columns": columns,
-                   "table": {v: {c: list(ms) for c, ms in t.items()} for v, t in table.items()}}, f, indent=1)
-    return {"markdown": str(md), "chart": str(png), "table": table, "columns": columns}
+    outcome = run_grid(runs, config_file, _kq_similarity(config_file), jobs=jobs, threads=threads, slurm=slurm,
+                       retry_failed=retry_failed, wait=wait, poll_s=poll_s)
+    _add_run_files(outcome["finished"], runs, meta.get("json_file"), context_classes)
+    costs = _costs(config_file, runs, out)
+    rows = [(b, v) for b in backbones for v in variants]
+    table, columns = summarize(outcome["finished"], rows, list(meta.get("thing_classes", [])), context_classes,
+                               list(meta.get("local_classes", [])), costs)
+    paper_backbones = {b: b or backbone_of(cfg) for b in backbones}
+    md, png, js = out / "comparison.md", out / "comparison.png", out / "comparison.json"
+    write_markdown(md, table, columns, rows, command, seeds, context_classes, list(meta.get("local_classes", [])),
+                   outcome["failed"], outcome["running"], paper_backbones if test_set == "coco_2017_val" else None)
+    write_chart(png, table, columns, rows)
+    with open(js, "w") as f:
+        json.dump({"command": command, "runs": outcome["finished"], "failed": outcome["failed"],
+                   "running": outcome["running"], "costs": {" ".join(filter(None, k)): c for k, c in costs.items()},
+                   "columns": columns, "table": {" ".join(filter(None, k)): {c: list(ms) for c, ms in t.items()}
+                                                  for k, t in table.items()}}, f, indent=1)
+    return {"markdown": str(md), "chart": str(png), "json": str(js), "table": table, "columns": columns,
+            "failed": outcome["failed"], "running": outcome["running"]}
+
+
+def _costs(config_file, runs: Sequence[GridRun], out: Path) -> Dict:
+    """model_costs of each (backbone, variant) of the grid (seed 0's overrides), cached in
+    ``out/costs.json`` by their overrides."""
+    cache_path = out / "costs.json"
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    costs = {}
+    for run in runs:
+        key = (run.backbone, run.variant)
+        if key in costs:
+            continue
+        opts = [o for o in run.opts[:-2]]  # without SEED
+        cache_key = json.dumps(opts)
+        if cache_key not in cache:
+            try:
+                cache[cache_key] = model_costs(config_file, opts)
+            except Exception as e:  # a cost that cannot be measured leaves its cells empty, never the table
+                logger.warning("no parameter / FLOP count for %s: %s", run.label, e)
+                cache[cache_key] = {}
+        costs[key] = cache[cache_key]
+    with open(cache_path, "w") as f:
+        json.dump(cache, f, indent=1)
+    return costs
