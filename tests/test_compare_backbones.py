@@ -88,7 +88,7 @@ def test_slurm_path_interrupted_and_resumed_trains_each_run_once(local_grid, tmp
 def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("ACM_D2_DATA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "failing"
-    bad = ["--seeds", "1", "--variants", "plain,ACM", "MODEL.ACM.GROUPS", "7"]  # no stage width divisible by 7
+    bad = ["--seeds", "1", "--variants", "ACM", "MODEL.ACM.GROUPS", "7"]  # no stage width divisible by 7
     done = subprocess.run(TOOL + ["--quick", "--device", "cpu", "--output-dir", str(out), *bad], cwd=str(REPO),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -96,13 +96,13 @@ def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, 
     assert "Failed runs (left out of the means; `--retry-failed` trains them again):" in md
     assert "- ACM seed 0: tools/train_net.py failed with exit code" in md
     assert "MODEL.ACM.GROUPS" in md  # the last lines of its log
-    assert attempts(out) == ["ACM/seed0", "plain/seed0"]
+    assert attempts(out) == ["ACM/seed0"]
     subprocess.run(TOOL + ["--quick", "--device", "cpu", "--output-dir", str(out), *bad], cwd=str(REPO),
                    capture_output=True, text=True, timeout=600)
-    assert attempts(out) == ["ACM/seed0", "plain/seed0"]  # listed again, not retrained
+    assert attempts(out) == ["ACM/seed0"]  # listed again, not retrained
     subprocess.run(TOOL + ["--quick", "--device", "cpu", "--output-dir", str(out), "--retry-failed", *bad], cwd=str(REPO),
                    capture_output=True, text=True, timeout=600)
-    assert attempts(out) == ["ACM/seed0", "ACM/seed0", "plain/seed0"]
+    assert attempts(out) == ["ACM/seed0", "ACM/seed0"]
 
 
 def test_readme_table6_command_dry_run():
