@@ -94,6 +94,8 @@ def test_solver_settings_of_the_new_config_are_applied_to_the_resumed_optimizer(
     assert (group["momentum"], group["weight_decay"], scheduler.base_lrs) == (0.8, 1e-3, [0.5])
     assert group["lr"] == pytest.approx(0.05)  # the new base LR x the schedule's 0.1 at iteration 6
     assert apply_solver_settings(optimizer, scheduler, configured) == []  # the same config: nothing changes
+    scheduler.last_epoch = 12  # resumed past a smaller MAX_ITER (10): nothing is left to schedule
+    assert apply_solver_settings(optimizer, scheduler, configured) == [] and group["lr"] == pytest.approx(0.05)
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,11 @@ def apply_solver_settings(optimizer, scheduler, configured_groups: Sequence[Mapp
                 changed.append(f"group {i} {key} {group.get(key)} -> {value}")
                 group[key] = value
     if isinstance(scheduler, LRMultiplier):  # the LR of the next iteration: the (new) schedule's at this one
-        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+        try:
+            lrs = scheduler.get_lr()
+        except RuntimeError:  # the resumed iteration is past the (new) MAX_ITER: no iteration is left
+            lrs = []
+        for group, lr in zip(optimizer.param_groups, lrs):
             group["lr"] = lr
     if changed:
         logger.warning("--resume: the new config's solver settings applied: %s", "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
