@@ -37,6 +37,20 @@ def _small_residuals(resnet) -> None:
                 last.norm.weight.mul_(0.1)
 
 
+class FeaturesAsTuple(torch.nn.Module):
+    """A backbone whose dict of features (name -> (N, C, H/s, W/s)) comes out as a tuple in
+    the order of :attr:`names` (for tracing and ONNX, which take no dicts)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.names = list(backbone.output_shape())
+
+    def forward(self, x):
+        features = self.backbone(x)
+        return tuple(features[name] for name in self.names)
+
+
 def image(height: int, width: int, seed: int = 1) -> torch.Tensor:
     """A (3, height, width) float image with values in [0, 255)."""
     return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed)) * 255
