@@ -37,12 +37,14 @@ __all__ = [
     "STAGES",
     "bench_compiled",
     "bench_models",
+    "backbone_inference_case",
     "bench_modules",
     "build_benchmark_model",
     "build_sharing_models",
     "random_batch",
     "run_interleaved",
     "saved_bytes_over_input",
+    "training_step_case",
 ]
 
 logger = logging.getLogger(__name__)
@@ -340,6 +342,29 @@ def random_batch(batch: int, height: int, width: int, device: torch.device, boxe
     return inputs
 
 
+def backbone_inference_case(model: nn.Module, images: torch.Tensor) -> Callable:
+    """A timed case: ``model.backbone(images)`` without gradients."""
+
+    def run():
+        with torch.no_grad():
+            model.backbone(images)
+
+    return run
+
+
+def training_step_case(model: nn.Module, inputs, optimizer) -> Callable:
+    """A timed case: one training step of ``model`` on ``inputs`` (loss dict summed)."""
+
+    def run():
+        torch.manual_seed(0)  # the same sampling draws in every model
+        losses = model(inputs)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return run
+
+
 def bench_models(config_dir: str, device: torch.device, size: Sequence[int], batch: int, repeats: int) -> dict:
     """Backbone inference (plain, ACM, authors', control) and training step (plain, ACM,
     authors'), interleaved; ratios over the plain model."""
@@ -351,35 +376,18 @@ def bench_models(config_dir: str, device: torch.device, size: Sequence[int], bat
         images = models["plain"].preprocess_image(inputs).tensor
     control = _replace_acms(models["acm"], lambda m: _ScaleControl(m.channels, device)).eval()
 
-    def infer(model):
-        def run():
-            with torch.no_grad():
-                model.backbone(images)
-
-        return run
-
-    def train(model, optimizer):
-        def run():
-            torch.manual_seed(0)  # the same sampling draws in every model
-            losses = model(inputs)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-
-        return run
-
     for model in models.values():
         model.eval()
     inference = run_interleaved(
-        {"plain": infer(models["plain"]), "acm": infer(models["acm"]), "authors": infer(models["authors"]), "control": infer(control)},
-        repeats, device,
+        {key: backbone_inference_case(model, images) for key, model in {**models, "control": control}.items()}, repeats, device
     )
     del control
     for model in models.values():
         model.train()
     with EventStorage(0):
         training = run_interleaved(
-            {key: train(model, torch.optim.SGD(model.parameters(), lr=0.0)) for key, model in models.items()}, repeats, device
+            {key: training_step_case(model, inputs, torch.optim.SGD(model.parameters(), lr=0.0)) for key, model in models.items()},
+            repeats, device,
         )
     result = {"input": [batch, 3, *size], "backbone_input": list(images.shape), "inference": inference, "training": training}
     for kind, times in (("inference", inference), ("training", training)):

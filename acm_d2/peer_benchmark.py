@@ -19,7 +19,14 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .benchmarking import build_sharing_models, random_batch, run_interleaved, saved_bytes_over_input
+from .benchmarking import (
+    backbone_inference_case,
+    build_sharing_models,
+    random_batch,
+    run_interleaved,
+    saved_bytes_over_input,
+    training_step_case,
+)
 from .modeling.context import CONTEXT_MODULE_REGISTRY
 
 __all__ = ["PEER_PLACES", "attention_memory_scaling", "bench_peer_models", "bench_peer_modules"]
@@ -129,31 +136,15 @@ def bench_peer_models(config_dir: str, device: torch.device, size: Sequence[int]
     with torch.no_grad():
         images = plain.preprocess_image(inputs).tensor
 
-    def infer(model):
-        def run():
-            with torch.no_grad():
-                model.backbone(images)
-
-        return run
-
-    def train(model, optimizer):
-        def run():
-            torch.manual_seed(0)  # the same sampling draws in every model
-            losses = model(inputs)
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-
-        return run
-
     for model in models.values():
         model.eval()
-    inference = run_interleaved({key: infer(model) for key, model in models.items()}, repeats, device)
+    inference = run_interleaved({key: backbone_inference_case(model, images) for key, model in models.items()}, repeats, device)
     for model in models.values():
         model.train()
     with EventStorage(0):
         training = run_interleaved(
-            {key: train(model, torch.optim.SGD(model.parameters(), lr=0.0)) for key, model in models.items()}, repeats, device
+            {key: training_step_case(model, inputs, torch.optim.SGD(model.parameters(), lr=0.0)) for key, model in models.items()},
+            repeats, device,
         )
     result = {"input": [batch, 3, *size], "inference": inference, "training": training, "over_plain": {}}
     for key, model in models.items():

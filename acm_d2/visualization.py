@@ -112,6 +112,26 @@ def _to_model_input(image: np.ndarray, augmentation, input_format: str) -> torch
     return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)).astype("float32"))
 
 
+def _context_inputs(model: nn.Module, image: np.ndarray, augmentation, input_format: str):
+    """Run the backbone of ``model`` in eval mode on one BGR uint8 image: ({context module:
+    its input X}, (h, w) of the resized image, (h, w) after the model's padding)."""
+    from detectron2.data import transforms as T
+
+    if isinstance(augmentation, (list, tuple)):
+        augmentation = T.AugmentationList(list(augmentation))
+    tensor = _to_model_input(image, augmentation, input_format)
+    was_training = model.training
+    model.eval()
+    try:
+        with ACMRecorder() as recorder:
+            images = model.preprocess_image([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])
+            model.backbone(images.tensor)
+    finally:
+        model.train(was_training)
+    inputs = {call.module: call.input for call in recorder.calls}
+    return inputs, tuple(int(s) for s in tensor.shape[-2:]), tuple(int(s) for s in images.tensor.shape[-2:])
+
+
 @torch.no_grad()
 def attention_on_image(
     model: nn.Module,
@@ -130,23 +150,8 @@ def attention_on_image(
         input_format: the model's INPUT.FORMAT ("BGR" or "RGB").
         mask: optional (H, W) array, nonzero inside the region to rank modules by.
     """
-    from detectron2.data import transforms as T
-
-    if isinstance(augmentation, (list, tuple)):
-        augmentation = T.AugmentationList(list(augmentation))
     height, width = image.shape[:2]
-    tensor = _to_model_input(image, augmentation, input_format)
-    was_training = model.training
-    model.eval()
-    try:
-        with ACMRecorder() as recorder:
-            images = model.preprocess_image([{"image": tensor, "height": height, "width": width}])
-            model.backbone(images.tensor)
-    finally:
-        model.train(was_training)
-    inputs = {call.module: call.input for call in recorder.calls}
-    input_size = tuple(int(s) for s in tensor.shape[-2:])
-    padded_size = tuple(int(s) for s in images.tensor.shape[-2:])
+    inputs, input_size, padded_size = _context_inputs(model, image, augmentation, input_format)
     result = ImageAttention((height, width), input_size, padded_size)
     padded_mask = None
     if mask is not None:
@@ -350,25 +355,11 @@ def position_attention_on_image(
     """Run the backbone of ``model`` on one BGR uint8 image (H, W, 3) and return, for every
     context module that has ``attention_of_position``, its map for the image position
     ``position`` = (x, y) in pixels (see :class:`PositionAttention`)."""
-    from detectron2.data import transforms as T
-
-    if isinstance(augmentation, (list, tuple)):
-        augmentation = T.AugmentationList(list(augmentation))
     height, width = image.shape[:2]
     if not (0 <= position[0] < width and 0 <= position[1] < height):
         raise ValueError(f"position (x, y) = {tuple(position)} is outside the image of {width} x {height} pixels")
-    tensor = _to_model_input(image, augmentation, input_format)
-    was_training = model.training
-    model.eval()
-    try:
-        with ACMRecorder() as recorder:
-            images = model.preprocess_image([{"image": tensor, "height": height, "width": width}])
-            model.backbone(images.tensor)
-    finally:
-        model.train(was_training)
-    inputs = {call.module: call.input for call in recorder.calls}
-    input_size = tuple(int(s) for s in tensor.shape[-2:])
-    result = PositionAttention((height, width), input_size, tuple(int(s) for s in images.tensor.shape[-2:]), tuple(position))
+    inputs, input_size, padded_size = _context_inputs(model, image, augmentation, input_format)
+    result = PositionAttention((height, width), input_size, padded_size, tuple(position))
     for name, module in context_modules(model).items():
         if module not in inputs or not hasattr(module, "attention_of_position"):
             continue

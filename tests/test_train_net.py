@@ -49,7 +49,7 @@ def test_train_then_eval_only(tmp_path):
     for task in ("bbox", "segm"):
         assert 0.0 <= tasks[task]["AP"] <= 100.0  # not NaN: the model made predictions
     assert (eval_out / "inference" / "coco_instances_results.json").is_file()
-    assert "acm_d2" in log and "ACM in every block of" in log  # acm-d2's own log lines reach the log
+    assert "acm_d2" in log and "ACM on the residual branch of 8 blocks" in log  # acm-d2's own log lines reach the log
     assert "acm_d2.data.coco_format INFO: Registering COCO-format dataset 'tiny'" in log
 
     # --eval-only without weights is refused rather than evaluating a random model
