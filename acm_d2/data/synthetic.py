@@ -129,11 +129,14 @@ class SyntheticSpec:
 
 
 def default_cache_root() -> Path:
-    """``$ACM_D2_DATA_CACHE`` if set, else ``<checkout>/.cache/acm_synthetic``."""
+    """``$ACM_D2_DATA_CACHE`` if set, else ``<checkout>/.cache/acm_synthetic`` in a checkout
+    (editable install), else ``~/.cache/acm_d2/synthetic`` (an installed package)."""
     env = os.environ.get("ACM_D2_DATA_CACHE")
     if env:
         return Path(env).expanduser().resolve()
     checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "setup.py").is_file():  # installed: not next to site-packages
+        return Path("~/.cache/acm_d2/synthetic").expanduser()
     return checkout / ".cache" / "acm_synthetic"
 
 
