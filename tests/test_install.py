@@ -152,3 +152,25 @@ def test_wheel_installed_outside_the_checkout(tmp_path):
     assert [m["iteration"] for m in metrics if "total_loss" in m][-1] == 1 and "loss_acm_orth" in metrics[-1]
     assert (out / "model_final.pth").is_file()
     assert not (work / "output").exists() and not any(work.iterdir())  # nothing written where it ran
+
+
+def test_model_zoo_names_configs_and_models():
+    from detectron2.config import CfgNode
+    from omegaconf import DictConfig
+
+    from acm_d2 import ACMGeneralizedRCNN, get_acm_cfg, model_zoo
+
+    assert model_zoo.list_configs() == checkout_configs()
+    name = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml"
+    assert model_zoo.get_config_file(name) == str(REPO / "configs" / name) == model_zoo.resolve_config_file("acm_d2://" + name)
+    assert model_zoo.resolve_config_file("my/own.yaml") == "my/own.yaml"
+    cfg = model_zoo.get_config(name)
+    assert isinstance(cfg, CfgNode) and cfg.MODEL.META_ARCHITECTURE == "ACMGeneralizedRCNN" and cfg.MODEL.ACM.GROUPS == 32
+    assert get_acm_cfg("acm_d2://" + name).dump() == cfg.dump()
+    assert isinstance(model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py"), DictConfig)
+    model = model_zoo.get("Synthetic/mask_rcnn_R_18_FPN_acm.yaml", device="cpu")  # MODEL.WEIGHTS "": nothing to load
+    assert type(model) is ACMGeneralizedRCNN and model.training
+    with pytest.raises(ValueError, match=r"Close names: \['COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml'"):
+        model_zoo.get_config_file("mask_rcnn_R_50_FPN_1x_acm.yaml")  # the folder left out
+    with pytest.raises(ValueError, match="acm-d2 publishes no trained weights"):
+        model_zoo.get_config(name, trained=True)
