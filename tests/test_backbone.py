@@ -136,8 +136,10 @@ def _c2_name(d2_key):
     return f"{stage}_{block}_{branch}_{suffix}"
 
 
-def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path):
-    """An MSRA-format .pkl (Detectron2's R-50.pkl layout) loads through Detectron2's checkpointer."""
+@pytest.mark.parametrize("module", ["ACM", "SE", "NL", "CC", "GC", "CBAM"])
+def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path, module):
+    """An MSRA-format .pkl (Detectron2's R-50.pkl layout) loads through Detectron2's checkpointer
+    into the backbone with ACM or a peer: only the module's own keys are missing."""
     torch.manual_seed(0)
     plain = build("MODEL.RESNETS.NORM", "FrozenBN", backbone="build_resnet_fpn_backbone").bottom_up
     blobs = {
@@ -149,8 +151,8 @@ def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"blobs": blobs}, f)
     torch.manual_seed(1)
-    acm = build("MODEL.RESNETS.NORM", "FrozenBN").bottom_up
-    acm_init = {k: v.clone() for k, v in acm.state_dict().items() if ".context." in k}
+    acm = build("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.ACM.MODULE", module).bottom_up
+    acm_init = {k: v.clone() for k, v in acm.state_dict().items() if ".context" in k}
     checkpointer = DetectionCheckpointer(acm)
     incompatible = checkpointer._load_model(checkpointer._load_file(str(path)))  # what load() logs
     loaded = acm.state_dict()
@@ -160,7 +162,9 @@ def test_msra_imagenet_weights_load_with_only_acm_missing(tmp_path):
     for k, v in acm_init.items():
         torch.testing.assert_close(loaded[k], v, msg=k)  # ACM keeps its initialisation
     missing = set(incompatible.missing_keys)
-    assert len(missing) == 13 * 5 and all(".context." in k for k in missing)  # kq_logits.weight, channel_gate.{0,2}.*
+    assert missing == set(acm_init) - {k for k in acm_init if k.endswith("num_batches_tracked")}
+    if module == "ACM":
+        assert len(missing) == 13 * 5  # kq_logits.weight, channel_gate.{0,2}.*
     assert not incompatible.unexpected_keys and not incompatible.incorrect_shapes
 
 
