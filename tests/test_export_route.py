@@ -29,6 +29,7 @@ def test_scripting_with_instances_then_inference_mask_rcnn_r50():
     scripted = scripting_with_instances(model, RCNN_FIELDS)
     # the model is left as it was: same class, same children (scripting compiled a view of it)
     assert type(model) is ACMGeneralizedRCNN and dict(model.named_children()) == children
+    assert scripted.original_name == "GeneralizedRCNN"  # TorchScript compiled the meta-architecture
     inputs = [{"image": image(224, 288)}] * 2
     with torch.no_grad():
         expected = model.inference(inputs, do_postprocess=False)[0]
