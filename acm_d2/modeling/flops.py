@@ -1,6 +1,8 @@
 """FLOP counting of models with context modules with fvcore's (or Detectron2's) FlopCountAnalysis.
 
-Under tracing, ACM runs as plain PyTorch ops (see acm_function.py). fvcore counts its
+fvcore traces the model: ACM is recorded as its fused inference computation for contiguous
+inputs (batched matrix products for the logits and the pooling, see acm_function.py) and as
+plain PyTorch ops (grouped convolutions) for channels_last ones. fvcore counts the
 convolutions and matrix products, but has no handle for the ops below, which it would skip
 with a warning: one multiply-add per element of the output (``addcmul``: Y = P * X + P * (K -
 Q)), one add per element of the input (``mean``: mu), and ``baddbmm`` as fvcore counts ``bmm``.
