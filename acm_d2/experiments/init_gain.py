@@ -255,8 +255,9 @@ def _stage_of(name: str) -> str:
 
 
 def backbone_gradient_norms(model: nn.Module, inputs: List[dict]) -> Dict[str, float]:
-    """||dL/dtheta|| of the bottom-up backbone's parameters per stage ("stem", "res2", ...),
-    without the context modules' own parameters, and the loss, for one training forward."""
+    """||dL/dtheta|| of the bottom-up backbone's parameters per stage ("stem", "res2", ...) and
+    together ("all"), without the context modules' own parameters, whose norm is "context",
+    and the loss, for one training forward."""
     model.train()
     model.zero_grad(set_to_none=True)
     loss = _loss(model, inputs)
@@ -268,6 +269,7 @@ def backbone_gradient_norms(model: nn.Module, inputs: List[dict]) -> Dict[str, f
             norms.setdefault(_stage_of(name), []).append(p.grad)
     out = {stage: _norm(grads) for stage, grads in norms.items()}
     out["all"] = _norm([g for grads in norms.values() for g in grads])
+    out["context"] = _norm([p.grad for m in named_context_modules(model).values() for p in m.parameters()])
     out["loss"] = float(loss)
     model.zero_grad(set_to_none=True)
     return out
@@ -670,7 +672,7 @@ def _plot_sweep(rows: List[Dict], path: Path) -> None:
         ax.set_xlabel("spatial std sigma of X")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("||J^T u|| / ||u||")
+    axes[0].set_ylabel("‖J^T u‖ / ‖u‖")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -694,7 +696,7 @@ def _plot_modules(scenarios: Dict[str, Dict], path: Path) -> None:
         ax.set_xlabel("module (forward order)")
         ax.set_title(name, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("||dL/dX|| / ||dL/dY||")
+    axes[0][0].set_ylabel("‖dL/dX‖ / ‖dL/dY‖")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -761,15 +763,15 @@ def report_markdown(results: Dict, runs: Optional[List[Dict]] = None) -> str:
             continue
         scenario = results[name]
         lines += [f"### {name}: {scenario['description']}", ""]
-        lines.append("| start | backbone gradient norm | x plain | loss before step 1, 2, 3 and after | per-module ||dL/dX|| / ||dL/dY|| | per-module sigma of X |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| start | backbone gradient norm | x plain | modules' own gradient norm | loss before step 1, 2, 3 and after | per-module ‖dL/dX‖ / ‖dL/dY‖ | per-module sigma of X |")
+        lines.append("|---|---|---|---|---|---|---|")
         plain = scenario.get("plain", {}).get("gradients", {}).get("all", math.nan)
         for label, entry in scenario.items():
             if not isinstance(entry, dict) or "gradients" not in entry:
                 continue
             g = entry["gradients"]["all"]
             lines.append(
-                f"| {label} | {_fmt(g)} | {_fmt(g / plain if plain else math.nan)} | "
+                f"| {label} | {_fmt(g)} | {_fmt(g / plain if plain else math.nan)} | {_fmt(entry['gradients']['context']) if 'context' in entry['gradients'] else 'not measured'} | "
                 + ", ".join(_fmt(v) for v in entry["losses"]) + " | "
                 + " ".join(_fmt(r["grad_ratio"]) for r in entry["modules"]) + " | "
                 + " ".join(_fmt(r["sigma"]) for r in entry["modules"]) + " |"
@@ -778,7 +780,7 @@ def report_markdown(results: Dict, runs: Optional[List[Dict]] = None) -> str:
                for r in entry["modules"] if "top" in r]
         if jac:
             lines += ["", "Jacobian at each module's X (first image):", "",
-                      "| start | module | C | HW | sigma | mean | forward ||Y-X||/||X|| | white | coherent | top | map flatness | mean P |",
+                      "| start | module | C | HW | sigma | mean | forward ‖Y-X‖/‖X‖ | white | coherent | top | map flatness | mean P |",
                       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for label, r in jac:
                 lines.append(
