@@ -186,7 +186,9 @@ def test_script_trace_export_compile(variant):
     x = torch.randn(2, 16, 6, 7)
     expected = module(x)
     scripted = torch.jit.script(module)
-    torch.testing.assert_close(scripted(x), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(scripted(x), expected)  # the fused forward, compiled
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(scripted(x_last), module(x_last))
     traced = torch.jit.trace(module, (x,))
     assert "bmm" in str(traced.graph) or "mean" in str(traced.graph)  # the fused computation, recorded
     other_size = torch.randn(2, 16, 5, 9)

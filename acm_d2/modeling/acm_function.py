@@ -42,13 +42,13 @@ dtype (like the authors' convs under autocast); the poolings widen X to float32 
 copy, tile by tile for channels_last), and the softmax, the pooled vectors, P and every
 reduction are float32 (float64 for float64 X).
 
-Under ``torch.jit.script``, ``torch.export`` and ``torch.compile`` the same equations run as
-plain differentiable PyTorch ops (:func:`attend_and_compare_ops`), which these tools can
-record. ``torch.jit.trace`` (and so Detectron2's tracing and ONNX export) records the fused
-no-grad path itself for contiguous X (out-of-place where autograd needs it), so that traced
-and eager inference outputs are equal; it records the plain ops for channels_last X (whose
-tiling loops would be unrolled for the traced size). The plain ops and the fused path
-compute the same numbers up to float rounding (about 1e-6 relative per module in float32).
+``torch.jit.script`` compiles the fused forward itself (``_forward``, annotated for it), and
+``torch.jit.trace`` (so Detectron2's tracing and ONNX export) records it for contiguous X,
+out of place where autograd needs it: scripted, traced and eager inference outputs are
+equal. Under ``torch.export`` and ``torch.compile``, and when tracing channels_last X (whose
+tiling loops would be unrolled for the traced size), the same equations run as plain
+differentiable PyTorch ops (:func:`attend_and_compare_ops`), which compute the same numbers
+up to float rounding (about 1e-6 relative per module in float32).
 """
 from typing import List, Optional, Tuple
 
@@ -61,7 +61,15 @@ __all__ = ["ACMFunction", "VARIANTS", "attend_and_compare", "attend_and_compare_
 #: The variants of the paper's Table 2a, by the formula of their output.
 VARIANTS = ("P(X+(K-Q))", "X+(K-Q)", "PX", "P(X+K)")
 
-_TILE_BYTES = 1 << 20  # channels_last poolings: rows of X per product, about 1 MiB of X
+
+
+def _tile_bytes() -> int:
+    """channels_last poolings: rows of X per product, about 1 MiB of X (a function, which
+    TorchScript compiles, where it cannot read a global)."""
+    return 1 << 20
+
+
+_TILE_BYTES = _tile_bytes()
 
 
 def maps_per_group(variant: str) -> int:
@@ -127,12 +135,14 @@ def attend_and_compare(
         (K . Q) / C with mean-subtracted K and Q, in float32 (float64 for float64 x), or None
         for the variants without K or Q.
 
-    The fused autograd Function :class:`ACMFunction` runs when a gradient is needed, a fused
-    no-grad path otherwise (also under ``torch.jit.trace`` for contiguous X), and
-    :func:`attend_and_compare_ops` under scripting, ``torch.export`` and ``torch.compile``.
+    The fused autograd Function :class:`ACMFunction` runs when a gradient is needed, the fused
+    forward otherwise (also under ``torch.jit.script``, and ``torch.jit.trace`` for contiguous
+    X), and :func:`attend_and_compare_ops` under ``torch.export`` and ``torch.compile``.
     """
-    if torch.jit.is_scripting():
-        return attend_and_compare_ops(x, kq_weight, gate1_weight, gate1_bias, gate2_weight, gate2_bias, groups, variant)
+    if torch.jit.is_scripting():  # the fused no-grad path, compiled
+        y, orthogonality, _ = _forward(x, kq_weight, gate1_weight, gate1_bias, gate2_weight, gate2_bias, groups, variant,
+                                       False)
+        return y, orthogonality
     return _dispatch(x, kq_weight, gate1_weight, gate1_bias, gate2_weight, gate2_bias, groups, variant)
 
 
@@ -266,7 +276,7 @@ def _pool(x: Tensor, maps: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
     rows = _rows_of_x(x, groups)  # (N, HW, G, C/G)
     maps = maps.view(n, groups, r, hw)
     out = torch.zeros(n, groups, r, c // groups, dtype=dtype, device=x.device)
-    tile = max(1, _TILE_BYTES // (c * x.element_size()))
+    tile = max(1, _tile_bytes() // (c * x.element_size()))
     for i in range(n):
         for start in range(0, hw, tile):
             part = rows[i, start : start + tile].permute(1, 0, 2).to(dtype)  # (G, tile, C/G)
@@ -326,50 +336,79 @@ def _channel_gate(mu: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gr
     return hidden, z.sigmoid_().transpose(0, 1).reshape(n, c)
 
 
-def _forward(x, kq_weight, w1, b1, w2, b2, groups: int, variant: str, for_backward: bool):
-    """The shared forward: Y, orthogonality (N,) or None, and what backward needs (None unless
-    ``for_backward``)."""
-    x = _in_layout(x)
+def _attend(x: Tensor, kq_weight: Tensor, groups: int, m: int, cd: torch.dtype, for_backward: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Passes 1 and 2 of the forward: X (N, C, H, W) -> the raw pooled vectors [A_1 X .. A_M X]
+    and mu, (N, M+1, C) in ``cd``, and (if ``for_backward``) the maps' log-sum-exp (NG, M, 1).
+    The map-sized temporaries are freed when it returns."""
     n, c, h, w = x.shape
     cg = c // groups
+    # Pass 1 over X: [W_1 .. W_M; 0] @ X_g, the logits of the M maps of every group and a
+    # row of zeros ((M+1) G / C of X); exp(L - max L) in place gives the maps up to their sums
+    # (the row of zeros: ones, the uniform map up to HW).
+    weight = kq_weight.view(groups, m, cg)
+    rows = torch.cat([weight, weight.new_zeros([groups, 1, cg])], dim=1)  # (G, M+1, C/G)
+    logits = _products(x, rows, None, groups).to(cd)  # (NG, M+1, HW)
+    peak = logits.amax(dim=-1, keepdim=True)
+    # (out of place, same values, when traced or scripted: the result may be run with
+    # gradients, and amax needs the logits)
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        weights = torch.exp(logits - peak)
+    else:
+        weights = logits.sub_(peak).exp_()
+    total = weights.sum(dim=-1, keepdim=True)  # (NG, M+1, 1)
+    log_sum_exp: Optional[Tensor] = None
+    if for_backward:
+        log_sum_exp = (peak + total.log())[:, :m]
+    # Pass 2 over X: exp(L - max L) @ X_g^T, divided by the sums, gives the raw pooled vectors
+    # [A_1 X .. A_M X] and mu.
+    pooled = _pool(x, weights, groups, cd) / total.view(n, groups, m + 1, 1)  # (N, G, M+1, C/G)
+    return pooled.transpose(1, 2).reshape(n, m + 1, c), log_sum_exp
+
+
+def _forward(
+    x: Tensor,
+    kq_weight: Optional[Tensor],
+    w1: Optional[Tensor],
+    b1: Optional[Tensor],
+    w2: Optional[Tensor],
+    b2: Optional[Tensor],
+    groups: int,
+    variant: str,
+    for_backward: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tuple[Tensor, Optional[Tensor], Tensor, List[Tensor], Optional[Tensor], Optional[Tensor]]]]:
+    """The shared forward: Y, orthogonality (N,) or None, and what backward needs (None unless
+    ``for_backward``). Also what ``torch.jit.script`` compiles (the annotations and asserts
+    are for it), so that scripted and eager ACM compute the same."""
+    x = _in_layout(x)
+    n, c, h, w = x.shape
     cd = _compute_dtype(x.dtype)
     m = maps_per_group(variant)
-    log_sum_exp = None
+    log_sum_exp: Optional[Tensor] = None
     raw: List[Tensor] = []  # the M pooled vectors A_i X, (N, C) each
     if m == 0:
         mu = torch.mean(x, dim=(2, 3), dtype=cd)  # (N, C): one read of X
     else:
-        # Pass 1 over X: [W_1 .. W_M; 0] @ X_g, the logits of the M maps of every group and a
-        # row of zeros ((M+1) G / C of X); exp(L - max L) in place gives the maps up to their sums
-        # (the row of zeros: ones, the uniform map up to HW).
-        weight = kq_weight.view(groups, m, cg)
-        rows = torch.cat([weight, weight.new_zeros(groups, 1, cg)], dim=1)  # (G, M+1, C/G)
-        logits = _products(x, rows, None, groups).to(cd)  # (NG, M+1, HW)
-        peak = logits.amax(dim=-1, keepdim=True)
-        # (out of place, same values, when traced: a trace may be run with gradients, and amax needs the logits)
-        weights = torch.exp(logits - peak) if torch.jit.is_tracing() else logits.sub_(peak).exp_()
-        total = weights.sum(dim=-1, keepdim=True)  # (NG, M+1, 1)
-        if for_backward:
-            log_sum_exp = (peak + total.log())[:, :m]
-        # Pass 2 over X: exp(L - max L) @ X_g^T, divided by the sums, gives the raw pooled vectors
-        # [A_1 X .. A_M X] and mu.
-        pooled = _pool(x, weights, groups, cd) / total.view(n, groups, m + 1, 1)  # (N, G, M+1, C/G)
-        del logits, weights
-        pooled = pooled.transpose(1, 2).reshape(n, m + 1, c)
-        *raw, mu = pooled.unbind(dim=1)
-    orthogonality = None
+        assert kq_weight is not None
+        pooled, log_sum_exp = _attend(x, kq_weight, groups, m, cd, for_backward)
+        parts = pooled.unbind(dim=1)
+        raw, mu = parts[:m], parts[m]
+    orthogonality: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
     if m == 2:
         shift = raw[0] - raw[1]  # K - Q: mu cancels
         orthogonality = ((raw[0] - mu) * (raw[1] - mu)).mean(dim=1)  # (N,)
     elif m == 1:
         shift = raw[0] - mu  # K
-    hidden = gate = None
+    hidden: Optional[Tensor] = None
+    gate: Optional[Tensor] = None
     if w1 is None:
+        assert shift is not None
         y = x + shift.to(x.dtype).view(n, c, 1, 1)  # X + (K - Q)
     else:
+        assert b1 is not None and w2 is not None and b2 is not None
         hidden, gate = _channel_gate(mu, w1, b1, w2, b2, groups)  # (G, N, C/2G), (N, C)
         gate_x = gate.to(x.dtype).view(n, c, 1, 1)
-        if m == 0:
+        if shift is None:  # "PX"
             y = x * gate_x
         else:  # Pass 3: Y = P * X + P * d, one fused multiply-add in X's dtype.
             y = torch.addcmul((gate * shift).to(x.dtype).view(n, c, 1, 1), x, gate_x)
