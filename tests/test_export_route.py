@@ -26,7 +26,7 @@ def test_scripting_with_instances_then_inference_mask_rcnn_r50():
     # the model is left as it was: same class, same children (scripting compiled a view of it)
     assert type(model) is ACMGeneralizedRCNN and dict(model.named_children()) == children
     assert scripted.original_name == "GeneralizedRCNN"  # TorchScript compiled the meta-architecture
-    inputs = [{"image": image(224, 288)}] * 2
+    inputs = [{"image": image(160, 224)}] * 2
     with torch.no_grad():
         expected = model.inference(inputs, do_postprocess=False)[0]
         got = scripted.inference(inputs, do_postprocess=False)[0]
@@ -43,7 +43,7 @@ def test_scripting_with_instances_retinanet_r50():
         model.head.cls_score.bias.zero_()
     scripted = scripting_with_instances(model, {"pred_boxes": Boxes, "scores": torch.Tensor,
                                                 "pred_classes": torch.Tensor})
-    img = image(192, 256)
+    img = image(128, 192)
     inputs = [{"image": img}] * 2
     with torch.no_grad():
         expected = model(inputs)[0]["instances"]
