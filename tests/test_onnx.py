@@ -26,6 +26,7 @@ ort = pytest.importorskip("onnxruntime")
 
 REPO = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 800, 1216  # a COCO image at Detectron2's test size (short side 800)
+DETECTIONS = 30  # per image (COCO: 100); the mask head, run 3 times here, costs per detection
 
 EXPORT_MODEL = '''
 import argparse, os
@@ -99,7 +100,8 @@ def test_acm_backbone_onnx():
 
 @pytest.mark.slow
 def test_whole_mask_rcnn_through_export_model_onnx_tracing(tmp_path):
-    model = coco_model()
+    model = coco_model("configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml",
+                       "TEST.DETECTIONS_PER_IMAGE", str(DETECTIONS))
     weights = tmp_path / "model.pth"
     torch.save({"model": model.state_dict()}, weights)
     sample = tmp_path / "sample.png"
@@ -110,7 +112,8 @@ def test_whole_mask_rcnn_through_export_model_onnx_tracing(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "acm_d2.detectron2_tools", str(script), "--format", "onnx", "--export-method", "tracing",
          "--config-file", "acm_d2://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml",
-         "--sample-image", str(sample), "--output", str(out), "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"],
+         "--sample-image", str(sample), "--output", str(out), "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu",
+         "TEST.DETECTIONS_PER_IMAGE", str(DETECTIONS)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     exported = np.load(out / "image.npy")
@@ -122,7 +125,7 @@ def test_whole_mask_rcnn_through_export_model_onnx_tracing(tmp_path):
     assert [o.shape for o in got] == [tuple(t.shape) for t in expected] and len(got) == 5
     boxes, scores = instances.pred_boxes.tensor.numpy(), instances.scores.numpy()
     classes, masks = instances.pred_classes.numpy(), instances.pred_masks.numpy()
-    assert len(scores) == 100 and scores.max() > 0.5  # a full set of detections
+    assert len(scores) == DETECTIONS and scores.max() > 0.5  # a full set of detections
     by_name = dict(zip(["pred_boxes", "pred_classes", "pred_masks", "scores", "image_size"], got))
     order = match_detections(boxes, classes, scores, by_name["pred_boxes"], by_name["pred_classes"], by_name["scores"],
                              rtol=1e-4)
