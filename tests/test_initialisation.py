@@ -205,3 +205,17 @@ def test_measure_tool_writes_tables_and_figures(tmp_path):
     assert all(r["top"] == pytest.approx(0.5, abs=1e-6) for r in identity)
     with pytest.raises(SystemExit, match="unknown scenarios"):
         tool["main"](["--scenarios", "sweep,bogus", "--output-dir", str(tmp_path)])
+
+
+def test_identity_without_a_norm_scales_the_last_conv():
+    """NORM "": the last conv before ACM is doubled instead of a norm."""
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "", "MODEL.BACKBONE.FREEZE_AT", "0"]
+    torch.manual_seed(0)
+    plain = build_backbone(get_acm_cfg(R18, opts + init_gain.module_overrides("plain"))).eval()
+    identity = build_backbone(get_acm_cfg(R18, opts + init_gain.module_overrides("ACM identity"))).eval()
+    result = identity.load_state_dict(plain.state_dict(), strict=False)
+    assert result.unexpected_keys == [] and len(result.missing_keys) == 8 * 5  # 8 ACMs, 5 tensors each
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want, got = plain(x), identity(x)
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -547,24 +547,6 @@ def run_init_comparison(config_file: str, weights: str, output_dir, labels: Sequ
         return [f.result() for f in futures]
 
 
-def scale_residual_features(state: Dict[str, torch.Tensor], factor: float, stages: Sequence[str] = ("res3", "res4", "res5")
-                            ) -> Dict[str, torch.Tensor]:
-    """A copy of the plain ``state`` whose blocks in ``stages`` have the affine weight and bias
-    of their last norm (the input of a residual-branch module) multiplied by ``factor``: the
-    same network with residual-branch features of ``factor`` times the spatial std and means,
-    to measure the modules' gains as a function of the feature statistics in a real network."""
-    out = dict(state)
-    blocks = {k.rsplit(".conv", 1)[0] for k in state if k.startswith("backbone.bottom_up.res") and ".conv" in k}
-    for block in blocks:
-        if block.split(".")[2] not in stages:
-            continue
-        last = "conv3" if f"{block}.conv3.weight" in state else "conv2"
-        for name in ("weight", "bias"):
-            key = f"{block}.{last}.norm.{name}"
-            out[key] = state[key] * factor
-    return out
-
-
 # ----------------------------------------------------------------------------------------
 # The measurements of docs/initialisation.md, their tables and figures.
 
