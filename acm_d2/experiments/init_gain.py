@@ -36,16 +36,33 @@ import torch
 from torch import nn
 
 __all__ = [
+    "COCO_RECIPE",
+    "PEERS",
+    "SCENARIOS",
+    "backbone_gradient_norms",
+    "build_from_state",
+    "coco_recipe",
     "context_module_types",
     "feature_statistics",
     "first_steps",
     "frozen_bn_from_images",
     "jacobian_gains",
     "measure_model",
+    "measure_start",
+    "module_overrides",
     "named_context_modules",
+    "plain_start",
     "probe_context_modules",
+    "read_training_curve",
+    "report_markdown",
+    "run_init_comparison",
+    "run_scenario",
+    "run_sweep",
     "sweep_feature_statistics",
     "training_inputs",
+    "warmup_learning_rates",
+    "write_backbone_checkpoint",
+    "write_report",
 ]
 
 logger = logging.getLogger(__name__)
