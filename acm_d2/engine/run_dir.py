@@ -121,6 +121,18 @@ class OutputDirLock:
         os.write(fd, json.dumps(info).encode())
         os.fsync(fd)
         self._fd = fd
+        # A forked child (a data-loader worker) gets a copy of the descriptor, and flock stays
+        # held while any copy is open: the child drops its copy, so the lock ends with this
+        # process (a worker that outlives a killed trainer would hold it), and never unlinks it.
+        os.register_at_fork(after_in_child=self._forget_in_child)
+
+    def _forget_in_child(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
 
     def release(self) -> None:
         """Remove the lock file and release the lock (the removal first: no one else holds it)."""
