@@ -15,7 +15,7 @@ from acm_d2.experiments.paper import TABLE6, table6_row
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = [sys.executable, str(REPO / "tools" / "compare_backbones.py")]
-TINY = ["--quick", "--seeds", "2", "--variants", "plain,ACM", "--device", "cpu"]
+TINY = ["--quick", "--seeds", "2", "--variants", "NL,ACM", "--device", "cpu"]  # a peer and ACM
 
 
 def compare(out, *args, check=True, cache=None):
@@ -51,21 +51,23 @@ def test_local_grid_writes_the_report_and_reuses_finished_runs(local_grid):
     md = (out / "comparison.md").read_text()
     rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     # AP box, AP mask, label accuracy, |cos(K, Q)|, cost: a header and one row per variant each
-    assert rows == ["variant", "plain", "ACM"] * 5
+    assert rows == ["variant", "NL", "ACM"] * 5
     header = next(line for line in md.splitlines() if line.startswith("| variant"))
     for col in ("AP", "AP50", "AP75", "context", "local", "lesion_emergency", "square"):
         assert f" {col} |" in header
     assert "| variant | parameters (M) | context parameters (M) | GFLOPs | s / image |" in md
     assert "Table 6" not in md  # not a COCO val grid
     stored = json.loads((out / "comparison.json").read_text())
-    assert sorted((r["variant"], r["seed"]) for r in stored["runs"]) == [("ACM", 0), ("ACM", 1), ("plain", 0), ("plain", 1)]
+    assert sorted((r["variant"], r["seed"]) for r in stored["runs"]) == [("ACM", 0), ("ACM", 1), ("NL", 0), ("NL", 1)]
     costs = stored["costs"]
-    assert costs["ACM"]["context_parameters_m"] > 0 == costs["plain"]["context_parameters_m"]
-    assert costs["ACM"]["gflops"] > costs["plain"]["gflops"] > 0
+    assert costs["ACM"]["context_parameters_m"] > 0 and costs["NL"]["context_parameters_m"] > 0
+    assert costs["ACM"]["parameters_m"] - costs["ACM"]["context_parameters_m"] == pytest.approx(
+        costs["NL"]["parameters_m"] - costs["NL"]["context_parameters_m"])  # the same detector around them
+    assert costs["ACM"]["gflops"] > 0 and costs["NL"]["gflops"] > 0
     assert all(r["metrics"]["time/inference_s_per_image"] > 0 for r in stored["runs"])
     assert all(0 <= r["metrics"]["context/label_acc"] <= 100 for r in stored["runs"])
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert attempts(out) == ["ACM/seed0", "ACM/seed1", "plain/seed0", "plain/seed1"]
+    assert attempts(out) == ["ACM/seed0", "ACM/seed1", "NL/seed0", "NL/seed1"]
     again = compare(out)
     assert again.stderr.count("Reusing") == 4 and len(attempts(out)) == 4
 
@@ -79,7 +81,7 @@ def test_slurm_path_interrupted_and_resumed_trains_each_run_once(local_grid, tmp
     jobs = {json.loads(p.read_text())["job_id"] for p in out.glob("**/job.json")}
     assert len(jobs) == 4
     compare(out, *slurm)  # a second call submits nothing new and collects every job
-    assert attempts(out) == ["ACM/seed0", "ACM/seed1", "plain/seed0", "plain/seed1"]
+    assert attempts(out) == ["ACM/seed0", "ACM/seed1", "NL/seed0", "NL/seed1"]
     assert {json.loads(p.read_text())["job_id"] for p in out.glob("**/job.json")} == jobs
     assert tables(out) == tables(local_grid)  # the same trainings as the local path
 
