@@ -32,12 +32,6 @@ def attempts(out):
                   for _ in p.read_text().splitlines())
 
 
-def tables(out):
-    """comparison.md from the AP tables to the cost table (the measured numbers)."""
-    md = (Path(out) / "comparison.md").read_text()
-    return md[md.index("### AP box"):md.index("### Cost")]
-
-
 @pytest.fixture(scope="module")
 def local_grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
@@ -74,16 +68,27 @@ def test_local_grid_writes_the_report_and_reuses_finished_runs(local_grid):
 
 @pytest.mark.slow
 def test_slurm_path_interrupted_and_resumed_trains_each_run_once(local_grid, tmp_path):
+    """Seed 0 of the grid (both modules) as jobs of submitit's local executor."""
     out = tmp_path / "slurm"
-    slurm = ["--slurm", "--cluster", "local", "--gpus-per-node", "0", "--poll", "1"]
+    slurm = ["--slurm", "--cluster", "local", "--gpus-per-node", "0", "--poll", "1", "--seeds", "1"]
     first = compare(out, *slurm, "--no-wait")  # submits every job and leaves (an interrupted call)
-    assert "Still running" in first.stdout or "Reusing" not in first.stderr
+    assert "Reusing" not in first.stderr
     jobs = {json.loads(p.read_text())["job_id"] for p in out.glob("**/job.json")}
-    assert len(jobs) == 4
+    assert len(jobs) == 2
     compare(out, *slurm)  # a second call submits nothing new and collects every job
-    assert attempts(out) == ["ACM/seed0", "ACM/seed1", "NL/seed0", "NL/seed1"]
+    assert attempts(out) == ["ACM/seed0", "NL/seed0"]
     assert {json.loads(p.read_text())["job_id"] for p in out.glob("**/job.json")} == jobs
-    assert tables(out) == tables(local_grid)  # the same trainings as the local path
+    # the same trainings as the local path: the same AP to the last digit (|cos(K, Q)| is
+    # measured again from the weights, to float rounding)
+    local = {(r["variant"], r["seed"]): r["metrics"] for r in json.loads((local_grid / "comparison.json").read_text())["runs"]}
+    runs = json.loads((out / "comparison.json").read_text())["runs"]
+    assert sorted(r["variant"] for r in runs) == ["ACM", "NL"]
+    for run in runs:
+        expected = local[(run["variant"], run["seed"])]
+        aps = [k for k in expected if k.startswith(("bbox/", "segm/"))]
+        assert {k: run["metrics"][k] for k in aps} == pytest.approx({k: expected[k] for k in aps}, rel=0, abs=0, nan_ok=True)
+        if "kq/mean_abs_cosine" in expected:
+            assert run["metrics"]["kq/mean_abs_cosine"] == pytest.approx(expected["kq/mean_abs_cosine"], rel=1e-5)
 
 
 def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, monkeypatch):
