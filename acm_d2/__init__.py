@@ -1,5 +1,5 @@
 """acm-d2: the Attend-and-Compare Module (Kim et al., ECCV 2020, arXiv 2007.07506) for Detectron2."""
-__version__ = "0.1.0"  # the one place of the version (setup.py reads it from here)
+__version__ = "0.3.0"  # the one place of the version (setup.py reads it from here)
 
 try:
     import detectron2  # noqa: F401
