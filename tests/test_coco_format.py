@@ -383,8 +383,8 @@ def test_no_raw_python_error_on_any_odd_value(tmp_path, dataset):
         json_file = _write(tmp_path / "odd.json", broken)
         try:
             validate_coco_instances(json_file, images)
-        except CocoFormatError:
-            pass
+        except CocoFormatError as e:  # refused: the message says what and where
+            assert "odd.json" in str(e) or path[0] in str(e), (path, value, str(e))
 
 
 # --------------------------------------------- what the model sees: pixels, files, frames

@@ -4,7 +4,6 @@ import re
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_backbone, build_model
 from torch import nn
 

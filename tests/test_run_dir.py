@@ -13,7 +13,7 @@ from detectron2.solver.lr_scheduler import LRMultiplier
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from acm_d2.checkpoint import CheckpointLoadError
-from acm_d2.engine import OutputDirInUseError, OutputDirNotEmptyError, ResumeConfigError, prepare_output_dir
+from acm_d2.engine import OutputDirInUseError, OutputDirNotEmptyError, prepare_output_dir
 from acm_d2.engine.resume_check import apply_solver_settings, validate_trainer_state
 from acm_d2.engine.run_dir import LOCK_NAME, OutputDirLock
 from conftest import acm_cfg
