@@ -117,6 +117,28 @@ def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, 
     assert attempts(tmp_path) == ["ACM/seed0", "ACM/seed0"]
 
 
+def test_differences_to_plain_mark_those_beyond_twice_the_seed_std(tmp_path):
+    """The report's differences table: mean minus plain's mean, bold beyond 2 x max(std, plain's std)."""
+    from acm_d2.experiments.report import difference_to_baseline, write_markdown
+
+    table = {(None, "plain"): {"box AP": (60.0, 2.0, 5), "mask AP": (62.0, 1.0, 5)},
+             (None, "SE"): {"box AP": (63.5, 1.0, 5), "mask AP": (61.0, 0.5, 5)},   # +3.5 < 2 x 2.0
+             (None, "ACM"): {"box AP": (64.5, 1.0, 5), "mask AP": (68.0, 3.5, 5)}}  # +4.5 > 4.0; +6.0 < 7.0
+    assert difference_to_baseline(table, (None, "SE"), "box AP") == (3.5, False)
+    assert difference_to_baseline(table, (None, "ACM"), "box AP") == (4.5, True)
+    assert difference_to_baseline(table, (None, "ACM"), "mask AP") == (6.0, False)
+    assert difference_to_baseline(table, (None, "plain"), "box AP") is None
+    assert difference_to_baseline({(None, "ACM"): table[(None, "ACM")]}, (None, "ACM"), "box AP") is None
+    one_seed = {row: {c: (m, 0.0, 1) for c, (m, _, _) in cells.items()} for row, cells in table.items()}
+    assert difference_to_baseline(one_seed, (None, "ACM"), "box AP") == (4.5, False)
+    md = tmp_path / "comparison.md"
+    write_markdown(md, table, ["box AP", "mask AP"], list(table), "cmd", 5, [], [])
+    section = md.read_text().split("### Difference to plain (same backbone)")[1]
+    assert "| variant | box AP | mask AP |" in section
+    assert "| SE | +3.50 | -1.00 |" in section and "| ACM | **+4.50** | +6.00 |" in section
+    assert "| plain |" not in section
+
+
 def test_readme_table6_command_dry_run():
     """The README's one command for Table 6 on a cluster, and the jobs its --dry-run prints."""
     readme = (REPO / "README.md").read_text()

@@ -7,9 +7,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .paper import TABLE6_TEST_SET, table6_row
 
-__all__ = ["row_label", "summarize", "write_chart", "write_markdown"]
+__all__ = ["BASELINE", "DIFFERENCE_COLUMNS", "difference_to_baseline", "row_label", "summarize", "write_chart",
+           "write_markdown"]
 
 Row = Tuple[Optional[str], str]  # (backbone or None for the config's own, variant)
+
+#: The variant every other one of the same backbone is set against in the differences table.
+BASELINE = "plain"
+#: The columns of the differences table, where the summary has them.
+DIFFERENCE_COLUMNS = ("box AP", "box context", "box local", "mask AP", "mask context", "mask local",
+                      "label context_label_acc")
 
 
 def row_label(row: Row) -> str:
@@ -66,6 +73,38 @@ def _cell(ms, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
+def difference_to_baseline(table, row: Row, column: str) -> Optional[Tuple[float, bool]]:
+    """(mean of ``row`` minus the mean of the same backbone's BASELINE row, whether that exceeds
+    twice the larger of the two seed stds), or None without a baseline or a value."""
+    baseline = (row[0], BASELINE)
+    if row == baseline or baseline not in table or column not in table[row]:
+        return None
+    (mean, std, n), (base_mean, base_std, base_n) = table[row][column], table[baseline][column]
+    if math.isnan(mean) or math.isnan(base_mean):
+        return None
+    difference = mean - base_mean
+    return difference, n > 1 and base_n > 1 and abs(difference) > 2 * max(std, base_std)
+
+
+def _differences_section(table, columns, rows: Sequence[Row], head: str, rule: str, first) -> List[str]:
+    """The differences table's lines; ``head``, ``rule`` and ``first`` write the row-label columns."""
+    cols = [c for c in DIFFERENCE_COLUMNS if c in columns]
+    compared = [row for row in rows if any(difference_to_baseline(table, row, c) for c in cols)]
+    if not compared:
+        return []
+    lines = [f"### Difference to {BASELINE} (same backbone)", "",
+             f"Mean minus the {BASELINE} backbone's mean; **bold** where the difference exceeds twice the larger "
+             f"of the two seed stds.", "", head + " " + " | ".join(c.replace("label ", "") for c in cols) + " |",
+             rule + "---|" * len(cols)]
+    for row in compared:
+        cells = []
+        for c in cols:
+            found = difference_to_baseline(table, row, c)
+            cells.append("n/a" if found is None else (f"**{found[0]:+.2f}**" if found[1] else f"{found[0]:+.2f}"))
+        lines.append(first(row) + " " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_markdown(path, table, columns, rows: Sequence[Row], command: str, n_seeds: int, context_classes,
                    local_classes, failures=(), running=(), paper_backbones: Optional[Dict] = None) -> None:
     """comparison.md: a table per metric family; the paper's Table 6 beside the measured numbers
@@ -102,6 +141,7 @@ def write_markdown(path, table, columns, rows: Sequence[Row], command: str, n_se
             digits = 3 if short == "cost" else 2
             lines.append(first(row) + " " + " | ".join(_cell(table[row][c], digits) for c in cols) + " |")
         lines.append("")
+    lines += _differences_section(table, columns, rows, head, "|---|" + ("---|" if several else ""), first)
     if paper_backbones is not None:
         lines += [f"### Beside the paper's Table 6 ({TABLE6_TEST_SET}; Kim et al., ECCV 2020)", "",
                   head + " AP box paper | AP box here | difference | AP mask paper | AP mask here | difference |",
