@@ -193,7 +193,9 @@ def write_chart(path, table, columns, rows: Sequence[Row]) -> None:
         ax.set_xticklabels([c[len(short) + 1:] for c in cols], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("AP (%)")
         ax.set_title(f"{title}: mean ± std over seeds")
-        ax.legend(fontsize=7, ncol=2)
+        top = np.nanmax([table[row][c][0] + table[row][c][1] for row in rows for c in cols] + [1.0])
+        ax.set_ylim(0, top * 1.25)  # room above the bars for the legend
+        ax.legend(fontsize=7, ncol=min(len(rows), 7), loc="upper center")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
