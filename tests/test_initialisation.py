@@ -50,7 +50,9 @@ def test_identity_init_is_exact_and_every_parameter_learns(variant):
         assert grads["kq_logits.weight"].abs().max() > 1e-3
         if variant in ("P(X+(K-Q))", "X+(K-Q)"):
             k_rows, q_rows = grads["kq_logits.weight"].view(8, 2, -1).unbind(1)
-            torch.testing.assert_close(k_rows, -q_rows)  # K and Q move apart
+            # K and Q move apart (up to float rounding: the product kernel may sum the K and Q
+            # rows of a batched product in different orders, as on AVX-512 MKL)
+            torch.testing.assert_close(k_rows, -q_rows, rtol=1e-4, atol=1e-5 * float(k_rows.abs().max()))
     if acm.channel_gate is not None:
         assert grads["channel_gate.2.weight"].abs().max() > 1e-3 and grads["channel_gate.2.bias"].abs().max() > 1e-3
         # the first gate conv is behind the zero weight: nothing at step 0, something after one step

@@ -13,9 +13,12 @@ identities:
 * mu is X pooled with the uniform map, so it comes with K and Q from the same product.
 
 Forward, 2 reads of X for the reductions and 1 read + 1 write for Y:
-  1. the logits [W_1 .. W_M; 0] @ X_g of every group (read X); exp(L - max L) in place on
-     (N*G, M+1, HW) (no softmax: the sums divide the pooled vectors instead);
-  2. exp(L - max L) @ X_g^T / sums gives the raw pooled vectors and mu (read X);
+  1. the logits [W_1 .. W_M; 0] @ X_g of every group (read X); E = exp(L - max L) in place
+     on (N*G, M+1, HW) (no softmax: the sums S divide the pooled vectors instead), and
+     E_1 - (S_1 / S_2) E_2 in place of E_1;
+  2. that @ X_g^T / S gives A_1 X - A_2 X (d = K - Q, or K - mu), exactly 0 where the two
+     maps are equal (the "identity" init) whatever order the product kernel sums in, the
+     other raw pooled vectors (A_1 X = d + A_2 X) and mu (read X);
   3. Y = P * X + P * d with d = K - Q, K - mu or 0 (one fused multiply-add: read X, write Y);
      Y = X + d without P.
 "PX" reads X once for mu (no maps).
@@ -189,14 +192,16 @@ def attend_and_compare_ops(
         logits = F.conv2d(x, kq_weight.to(x.dtype), None, 1, 0, 1, groups)  # (N, G*M, H, W)
         maps = torch.softmax(logits.to(cd).reshape(n, groups, m, hw), dim=-1)  # (N, G, M, HW)
         xg = x.to(cd).reshape(n, groups, cg, hw)
+        if m == 2:  # A_K - A_Q and A_Q pool K - Q and Q (K - Q exactly 0 for equal maps)
+            maps = torch.stack([maps[:, :, 0] - maps[:, :, 1], maps[:, :, 1]], dim=2)
         pooled = torch.matmul(maps, xg.transpose(2, 3))  # (N, G, M, C/G)
-        k_raw = pooled[:, :, 0].reshape(n, c)
         if m == 2:
+            d = pooled[:, :, 0].reshape(n, c)
             q_raw = pooled[:, :, 1].reshape(n, c)
-            d = k_raw - q_raw
+            k_raw = d + q_raw
             orthogonality = ((k_raw - mu) * (q_raw - mu)).mean(dim=1)
         else:
-            d = k_raw - mu
+            d = pooled[:, :, 0].reshape(n, c) - mu
     if gate1_weight is None or gate1_bias is None or gate2_weight is None or gate2_bias is None:
         return x + d.to(x.dtype).view(n, c, 1, 1), orthogonality
     hidden = F.relu(F.conv2d(mu.view(n, c, 1, 1), gate1_weight.to(cd), gate1_bias.to(cd), 1, 0, 1, groups))
@@ -359,9 +364,18 @@ def _attend(x: Tensor, kq_weight: Tensor, groups: int, m: int, cd: torch.dtype, 
     log_sum_exp: Optional[Tensor] = None
     if for_backward:
         log_sum_exp = (peak + total.log())[:, :m]
-    # Pass 2 over X: exp(L - max L) @ X_g^T, divided by the sums, gives the raw pooled vectors
-    # [A_1 X .. A_M X] and mu.
+    # Pass 2 over X: with E = exp(L - max L) and S its sums, the rows [E_1 - (S_1 / S_2) E_2,
+    # E_2 .. E_M, 1] @ X_g^T, divided by S, give A_1 X - A_2 X (K - Q for M = 2, K - mu for
+    # M = 1) and the raw pooled vectors A_2 X .. A_M X and mu; A_1 X is (A_1 X - A_2 X) + A_2 X.
+    # The shift K - Q (or K - mu) is so exactly 0 where the two maps are equal (the "identity"
+    # init), whatever order a product kernel sums its rows in.
+    ratio = total[:, :1] / total[:, 1:2]  # (NG, 1, 1)
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        weights = torch.cat([torch.addcmul(weights[:, :1], weights[:, 1:2], ratio, value=-1.0), weights[:, 1:]], dim=1)
+    else:
+        weights[:, :1].addcmul_(weights[:, 1:2], ratio, value=-1.0)
     pooled = _pool(x, weights, groups, cd) / total.view(n, groups, m + 1, 1)  # (N, G, M+1, C/G)
+    pooled = torch.cat([pooled[:, :, :1] + pooled[:, :, 1:2], pooled[:, :, 1:]], dim=2)
     return pooled.transpose(1, 2).reshape(n, m + 1, c), log_sum_exp
 
 
