@@ -89,7 +89,7 @@ def difference_to_baseline(table, row: Row, column: str) -> Optional[Tuple[float
 def _differences_section(table, columns, rows: Sequence[Row], head: str, rule: str, first) -> List[str]:
     """The differences table's lines; ``head``, ``rule`` and ``first`` write the row-label columns."""
     cols = [c for c in DIFFERENCE_COLUMNS if c in columns]
-    compared = [row for row in rows if any(difference_to_baseline(table, row, c) for c in cols)]
+    compared = [row for row in rows if any(difference_to_baseline(table, row, c) is not None for c in cols)]
     if not compared:
         return []
     lines = [f"### Difference to {BASELINE} (same backbone)", "",

@@ -342,9 +342,10 @@ def _channel_gate(mu: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, gr
 
 
 def _attend(x: Tensor, kq_weight: Tensor, groups: int, m: int, cd: torch.dtype, for_backward: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Passes 1 and 2 of the forward: X (N, C, H, W) -> the raw pooled vectors [A_1 X .. A_M X]
-    and mu, (N, M+1, C) in ``cd``, and (if ``for_backward``) the maps' log-sum-exp (NG, M, 1).
-    The map-sized temporaries are freed when it returns."""
+    """Passes 1 and 2 of the forward: X (N, C, H, W) -> [A_1 X - A_2 X, A_2 X .. A_M X, mu],
+    (N, M+1, C) in ``cd`` (the first row is the shift d: K - Q for M = 2, K - mu for M = 1),
+    and (if ``for_backward``) the maps' log-sum-exp (NG, M, 1). The map-sized temporaries are
+    freed when it returns."""
     n, c, h, w = x.shape
     cg = c // groups
     # Pass 1 over X: [W_1 .. W_M; 0] @ X_g, the logits of the M maps of every group and a
@@ -365,17 +366,15 @@ def _attend(x: Tensor, kq_weight: Tensor, groups: int, m: int, cd: torch.dtype, 
     if for_backward:
         log_sum_exp = (peak + total.log())[:, :m]
     # Pass 2 over X: with E = exp(L - max L) and S its sums, the rows [E_1 - (S_1 / S_2) E_2,
-    # E_2 .. E_M, 1] @ X_g^T, divided by S, give A_1 X - A_2 X (K - Q for M = 2, K - mu for
-    # M = 1) and the raw pooled vectors A_2 X .. A_M X and mu; A_1 X is (A_1 X - A_2 X) + A_2 X.
-    # The shift K - Q (or K - mu) is so exactly 0 where the two maps are equal (the "identity"
-    # init), whatever order a product kernel sums its rows in.
+    # E_2 .. E_M, 1] @ X_g^T, divided by S, give A_1 X - A_2 X and A_2 X .. A_M X, mu. The
+    # shift is so exactly 0 where the two maps are equal (the "identity" init), whatever order
+    # a product kernel sums its rows in.
     ratio = total[:, :1] / total[:, 1:2]  # (NG, 1, 1)
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         weights = torch.cat([torch.addcmul(weights[:, :1], weights[:, 1:2], ratio, value=-1.0), weights[:, 1:]], dim=1)
     else:
         weights[:, :1].addcmul_(weights[:, 1:2], ratio, value=-1.0)
     pooled = _pool(x, weights, groups, cd) / total.view(n, groups, m + 1, 1)  # (N, G, M+1, C/G)
-    pooled = torch.cat([pooled[:, :, :1] + pooled[:, :, 1:2], pooled[:, :, 1:]], dim=2)
     return pooled.transpose(1, 2).reshape(n, m + 1, c), log_sum_exp
 
 
@@ -399,20 +398,18 @@ def _forward(
     m = maps_per_group(variant)
     log_sum_exp: Optional[Tensor] = None
     raw: List[Tensor] = []  # the M pooled vectors A_i X, (N, C) each
+    shift: Optional[Tensor] = None  # d: K - Q (M = 2), K - mu (M = 1)
     if m == 0:
         mu = torch.mean(x, dim=(2, 3), dtype=cd)  # (N, C): one read of X
     else:
         assert kq_weight is not None
         pooled, log_sum_exp = _attend(x, kq_weight, groups, m, cd, for_backward)
-        parts = pooled.unbind(dim=1)
-        raw, mu = parts[:m], parts[m]
+        parts = pooled.unbind(dim=1)  # [d, A_2 X .. A_M X, mu]
+        shift, mu = parts[0], parts[m]
+        raw = [parts[0] + parts[1]] + list(parts[1:m])  # A_1 X = d + A_2 X
     orthogonality: Optional[Tensor] = None
-    shift: Optional[Tensor] = None
     if m == 2:
-        shift = raw[0] - raw[1]  # K - Q: mu cancels
         orthogonality = ((raw[0] - mu) * (raw[1] - mu)).mean(dim=1)  # (N,)
-    elif m == 1:
-        shift = raw[0] - mu  # K
     hidden: Optional[Tensor] = None
     gate: Optional[Tensor] = None
     if w1 is None:
