@@ -15,6 +15,7 @@ from acm_d2.experiments.paper import TABLE6, table6_row
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = [sys.executable, str(REPO / "tools" / "compare_backbones.py")]
+WIDE = str(REPO / "configs" / "Synthetic" / "mask_rcnn_R_18_FPN_acm_wide.yaml")
 TINY = ["--quick", "--seeds", "2", "--variants", "NL,ACM", "--device", "cpu"]  # a peer and ACM
 
 
@@ -101,8 +102,8 @@ def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, 
         raise RuntimeError(f"tools/train_net.py failed with exit code 1 (see {log_path})")
 
     monkeypatch.setattr(grid, "run_train_net", failing_train_net)
-    runs = grid.plan("cfg.yaml", tmp_path, [None], ["ACM"], 1, ["MODEL.DEVICE", "cpu"], {"ACM": ["MODEL.ACM.MODULE", "ACM"]})
-    outcome = grid.run_grid(runs, "cfg.yaml", measure=lambda run: {})
+    runs = grid.plan(WIDE, tmp_path, [None], ["ACM"], 1, ["MODEL.DEVICE", "cpu"], {"ACM": ["MODEL.ACM.MODULE", "ACM"]})
+    outcome = grid.run_grid(runs, WIDE, measure=lambda run: {})
     assert [f["variant"] for f in outcome["failed"]] == ["ACM"] and not outcome["finished"]
     assert "Loss became infinite or NaN at iteration=21" in outcome["failed"][0]["log_tail"]
     md = tmp_path / "comparison.md"
@@ -111,9 +112,9 @@ def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, 
     assert "Failed runs (left out of the means; `--retry-failed` trains them again):" in text
     assert "- ACM seed 0: tools/train_net.py failed with exit code 1" in text and "Loss became infinite" in text
     assert attempts(tmp_path) == ["ACM/seed0"]
-    assert grid.run_grid(runs, "cfg.yaml", measure=lambda run: {})["failed"]  # listed again, not retrained
+    assert grid.run_grid(runs, WIDE, measure=lambda run: {})["failed"]  # listed again, not retrained
     assert attempts(tmp_path) == ["ACM/seed0"]
-    grid.run_grid(runs, "cfg.yaml", measure=lambda run: {}, retry_failed=True)
+    grid.run_grid(runs, WIDE, measure=lambda run: {}, retry_failed=True)
     assert attempts(tmp_path) == ["ACM/seed0", "ACM/seed0"]
 
 
@@ -174,3 +175,79 @@ def test_inference_time_is_read_from_detectron2s_log(tmp_path):
                    "[d2.evaluation.evaluator]: Total inference pure compute time: 0:00:07 (0.048 s / iter per device, on 1 devices)\n")
     assert inference_seconds_per_image(log) == 0.048
     assert inference_seconds_per_image(tmp_path / "missing.txt") is None
+
+
+
+def fake_train_net(trained):
+    """A stand-in for tools/train_net.py: writes model_final.pth and one evaluation whose box AP
+    is the config's SOLVER.BASE_LR x 1000 (so a result shows which config produced it)."""
+    from acm_d2 import get_acm_cfg
+
+    def train(config_file, opts, output_dir, threads=None, log_path=None):
+        settings = dict(zip(opts[1::2], opts[2::2]))  # opts[0] is "--resume"
+        trained.append((Path(output_dir).name, settings.get("SOLVER.BASE_LR")))
+        Path(log_path).write_text("trained\n")
+        (Path(output_dir) / "model_final.pth").write_bytes(b"")
+        ap = get_acm_cfg(config_file, opts[1:]).SOLVER.BASE_LR * 1000
+        (Path(output_dir) / "metrics.json").write_text(json.dumps({"iteration": 1, "bbox/AP": ap}) + "\n")
+        return {}
+
+    return train
+
+
+def test_a_run_of_another_config_is_trained_again_in_a_fresh_folder(tmp_path, monkeypatch):
+    """A finished run is reused only when its config's content and the code are the same; a run
+    of another config (another override, or the same file edited) is moved aside, never relabelled."""
+    from acm_d2.experiments import grid
+
+    trained = []
+    monkeypatch.setattr(grid, "run_train_net", fake_train_net(trained))
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"_BASE_: {WIDE}\nSOLVER:\n  BASE_LR: 0.02\n")
+    out = tmp_path / "grid"
+
+    def grid_of(*opts):
+        runs = grid.plan(str(config), out, [None], ["ACM"], 1, ["MODEL.DEVICE", "cpu", *opts], {"ACM": []})
+        return runs, grid.run_grid(runs, str(config), measure=lambda run: {})
+
+    runs, first = grid_of()
+    assert first["finished"][0]["metrics"]["bbox/AP"] == pytest.approx(20.0)
+    identity = first["finished"][0]["identity"]
+    assert identity["acm_d2"] == __import__("acm_d2").__version__ and len(identity["config_sha256"]) == 64
+    _, again = grid_of()  # the same: reused
+    assert len(trained) == 1 and again["finished"][0]["identity"] == identity
+    _, changed = grid_of("SOLVER.BASE_LR", "0.001")  # another override: trained again, from scratch
+    assert len(trained) == 2 and changed["finished"][0]["metrics"]["bbox/AP"] == pytest.approx(1.0)
+    assert changed["finished"][0]["identity"]["config_sha256"] != identity["config_sha256"]
+    aside = sorted(p.name for p in (out / "ACM").iterdir())
+    assert aside[0] == "seed0" and len(aside) == 2 and aside[1].startswith("seed0.superseded-")
+    assert json.loads((out / "ACM" / aside[1] / "result.json").read_text())["identity"] == identity  # kept
+    config.write_text(f"_BASE_: {WIDE}\nSOLVER:\n  BASE_LR: 0.005\n")  # the same file, edited
+    _, same = grid_of("SOLVER.BASE_LR", "0.001")  # the override wins: the same resolved config, reused
+    assert len(trained) == 2 and same["finished"][0]["metrics"]["bbox/AP"] == pytest.approx(1.0)
+    _, edited = grid_of()  # the file's new LR: trained again
+    assert len(trained) == 3 and edited["finished"][0]["metrics"]["bbox/AP"] == pytest.approx(5.0)
+    assert len(list((out / "ACM").iterdir())) == 3
+    stored = json.loads((out / "ACM" / "seed0" / "identity.json").read_text())
+    assert stored == edited["finished"][0]["identity"] and stored["config_sha256"] not in (
+        identity["config_sha256"], changed["finished"][0]["identity"]["config_sha256"])
+
+
+def test_a_failed_run_of_another_config_starts_afresh(tmp_path, monkeypatch):
+    from acm_d2.experiments import grid
+
+    def failing(config_file, opts, output_dir, threads=None, log_path=None):
+        Path(log_path).write_text("ResumeConfigError: MODEL.ACM.GROUPS changed\n")
+        (Path(output_dir) / "last_checkpoint").write_text("model_0000009.pth")
+        raise RuntimeError("tools/train_net.py failed with exit code 1")
+
+    monkeypatch.setattr(grid, "run_train_net", failing)
+    runs = grid.plan(WIDE, tmp_path, [None], ["ACM"], 1, ["MODEL.DEVICE", "cpu"], {"ACM": []})
+    assert grid.run_grid(runs, WIDE, measure=lambda run: {})["failed"]
+    trained = []
+    monkeypatch.setattr(grid, "run_train_net", fake_train_net(trained))
+    changed = grid.plan(WIDE, tmp_path, [None], ["ACM"], 1, ["MODEL.DEVICE", "cpu", "MODEL.ACM.GROUPS", "8"], {"ACM": []})
+    outcome = grid.run_grid(changed, WIDE, measure=lambda run: {}, retry_failed=True)
+    assert outcome["finished"] and not outcome["failed"]
+    assert not (tmp_path / "ACM" / "seed0" / "last_checkpoint").exists()  # a fresh folder, not a resume
+    assert any(p.name.startswith("seed0.superseded-") for p in (tmp_path / "ACM").iterdir())

@@ -25,7 +25,7 @@ import sys
 
 from acm_d2.engine.slurm import parse_slurm_options
 from acm_d2.experiments.comparison import VARIANTS, run_comparison
-from acm_d2.experiments.grid import BACKBONES, SlurmSettings
+from acm_d2.experiments.grid import BACKBONES, GridInUseError, SlurmSettings
 from acm_d2.experiments.runs import QUICK_OPTS, REPO
 
 
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
             backbones=backbones, jobs=args.jobs, threads=args.threads, slurm=slurm, retry_failed=args.retry_failed,
             wait=not args.no_wait, dry_run=args.dry_run, command=command.strip(), poll_s=args.poll,
         )
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, GridInUseError) as e:
         raise SystemExit(f"error: {e}")
     if args.dry_run:
         print("\n".join(result["commands"]))

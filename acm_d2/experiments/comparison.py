@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from .grid import GridRun, SlurmSettings, plan, run_grid
+from .grid import GridRun, SlurmSettings, code_version, plan, run_grid, run_identity
 from .report import summarize, write_chart, write_markdown
 
 __all__ = ["VARIANTS", "context_label_accuracy", "mean_abs_kq_cosine", "model_costs", "run_comparison"]
@@ -224,7 +224,7 @@ def run_comparison(config_file, output_dir, variants: Sequence[str], seeds: int,
 
 def _costs(config_file, runs: Sequence[GridRun], out: Path) -> Dict:
     """model_costs of each (backbone, variant) of the grid (seed 0's overrides), cached in
-    ``out/costs.json`` by their overrides."""
+    ``out/costs.json`` by the identity of the config without SEED (its content and the code)."""
     cache_path = out / "costs.json"
     try:
         with open(cache_path) as f:
@@ -232,12 +232,13 @@ def _costs(config_file, runs: Sequence[GridRun], out: Path) -> Dict:
     except (OSError, ValueError):
         cache = {}
     costs = {}
+    code = code_version()
     for run in runs:
         key = (run.backbone, run.variant)
         if key in costs:
             continue
         opts = [o for o in run.opts[:-2]]  # without SEED
-        cache_key = json.dumps(opts)
+        cache_key = json.dumps(run_identity(config_file, opts, code), sort_keys=True)
         if cache_key not in cache:
             try:
                 cache[cache_key] = model_costs(config_file, opts)

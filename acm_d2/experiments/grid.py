@@ -5,8 +5,16 @@ the run's overrides: the backbone's (:data:`BACKBONES`, the depth / ResNeXt sett
 Detectron2's model-zoo configs), the variant's (:data:`acm_d2.experiments.comparison.VARIANTS`)
 and ``SEED``. Its folder is ``OUT/[BACKBONE/]VARIANT/seed<N>``; what happened to it is kept there:
 
-* ``result.json``: finished (metrics and the overrides it was trained with): reused, never
-  trained again while its overrides match;
+* ``identity.json``: what determines the run (:func:`run_identity`): the SHA-256 of its
+  resolved config (the config file with its ``_BASE_`` files and the run's overrides, as
+  Detectron2 dumps it: the content, not the path) and the code version (acm_d2's version, the
+  last git commit of the checkout's ``acm_d2/``, ``configs/`` and ``tools/`` and a hash of their
+  uncommitted changes, where it is a git checkout). Written when a training starts. A folder
+  whose identity is not the requested one (or that has none: an earlier version's) is never
+  reused, resumed or retried: it is moved aside to ``seed<N>.superseded-<time>`` (kept, as it
+  was) and the run trains from scratch in a fresh ``seed<N>``;
+* ``result.json``: finished (metrics, the overrides and the identity it was trained with):
+  reused, never trained again while its identity matches;
 * ``job.json``: submitted to SLURM (or submitit's local executor): the job id, its folder and
   its process id for local jobs; a job still pending or running is not submitted again;
 * ``failed.json``: the last attempt failed (a diverged training, a job that died): listed
@@ -16,10 +24,13 @@ and ``SEED``. Its folder is ``OUT/[BACKBONE/]VARIANT/seed<N>``; what happened to
 :func:`plan` lists the runs of a grid, :func:`run_grid` brings every run to an end (or leaves
 the jobs running and returns, with ``wait`` False) and returns the results that exist.
 """
+import datetime
+import hashlib
 import json
 import logging
 import os
 import shlex
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +39,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .runs import REPO, read_final_metrics, run_train_net
 
-__all__ = ["BACKBONES", "GridRun", "SlurmSettings", "backbone_of", "backbone_overrides", "plan", "run_grid"]
+__all__ = ["BACKBONES", "GridInUseError", "GridRun", "SlurmSettings", "backbone_of", "backbone_overrides", "code_version", "plan",
+           "run_grid", "run_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +64,10 @@ BACKBONES = {
 _IMAGENET = "detectron2://ImageNetPretrained/"
 # SLURM states of a job that may still train (sacct / squeue names).
 _SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN"}
+
+
+class GridInUseError(RuntimeError):
+    """Another process works on the grid's runs (another grid command, or a job of another config)."""
 
 
 def backbone_overrides(name: str, config_weights: str) -> List[str]:
@@ -114,6 +130,7 @@ class GridRun:
     seed: int
     run_dir: Path
     opts: List[str]
+    identity: Dict[str, Optional[str]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -133,11 +150,50 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "+-=" else "_" for ch in name)
 
 
+_CODE_PATHS = ("acm_d2", "configs", "tools")
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def code_version() -> Dict[str, Optional[str]]:
+    """The code that trains a run: {"acm_d2": the package's version, "commit": the last git
+    commit of the checkout's acm_d2/, configs/ and tools/ (None: not a git checkout, e.g. an
+    installed wheel, or no git), "uncommitted": SHA-256 of ``git diff HEAD`` of those folders
+    (None: no uncommitted change)}. Untracked files are not seen."""
+    from .. import __version__
+
+    version = {"acm_d2": __version__, "commit": None, "uncommitted": None}
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or Path(top.strip()).resolve() != REPO.resolve():  # e.g. site-packages inside another checkout
+        return version
+    commit = _git("log", "-1", "--format=%H", "--", *_CODE_PATHS)
+    diff = _git("diff", "HEAD", "--", *_CODE_PATHS)
+    version["commit"] = commit.strip() or None if commit else None
+    version["uncommitted"] = hashlib.sha256(diff.encode()).hexdigest() if diff else None
+    return version
+
+
+def run_identity(config_file: str, opts: Sequence[str], code: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
+    """What determines a run: {"config_sha256": SHA-256 of Detectron2's dump of the config
+    merged from ``config_file`` (and its ``_BASE_`` files) and ``opts``, **code}."""
+    from ..config import get_acm_cfg
+
+    dump = get_acm_cfg(str(config_file), list(opts)).dump()
+    return {"config_sha256": hashlib.sha256(dump.encode()).hexdigest(), **code}
+
+
 def plan(config_file: str, output_dir, backbones: Sequence[Optional[str]], variants: Sequence[str], seeds: int,
          base_opts: Sequence[str], variant_opts: Dict[str, List[str]], config_weights: str = "") -> List[GridRun]:
     """Every (backbone, variant, seed) of the grid, seeds outermost (a partial grid has every
-    cell); ``backbones`` [None] keeps the config's own backbone."""
+    cell), each with its :func:`run_identity`; ``backbones`` [None] keeps the config's own backbone."""
     out = Path(output_dir).resolve()
+    code = code_version()
     runs = []
     for seed in range(seeds):
         for backbone in backbones:
@@ -145,7 +201,7 @@ def plan(config_file: str, output_dir, backbones: Sequence[Optional[str]], varia
             for variant in variants:
                 run_dir = out / (_safe(backbone) if backbone else "") / _safe(variant) / f"seed{seed}"
                 opts = list(base_opts) + backbone_opts + list(variant_opts[variant]) + ["SEED", str(seed)]
-                runs.append(GridRun(backbone, variant, seed, run_dir, opts))
+                runs.append(GridRun(backbone, variant, seed, run_dir, opts, run_identity(config_file, opts, code)))
     return runs
 
 
@@ -173,18 +229,38 @@ def _log_tail(path: Path, lines: int = 8) -> str:
 
 
 def _record_attempt(run: GridRun, how: str) -> None:
+    _write(run.run_dir / "identity.json", run.identity)
     with open(run.run_dir / "attempts.jsonl", "a") as f:
         f.write(json.dumps({"time": time.time(), "how": how}) + "\n")
 
 
-def _finished(run: GridRun) -> Optional[dict]:
-    saved = _read(run.run_dir / "result.json")
-    return saved if saved and saved.get("opts") == run.opts else None
+def _differences(recorded: Optional[dict], wanted: dict) -> str:
+    if not isinstance(recorded, dict):
+        return "it records no identity (a folder of an earlier acm-d2 version, or not a run)"
+    changed = [key for key in wanted if recorded.get(key) != wanted[key]]
+    return "its " + ", ".join(f"{key} is {recorded.get(key)}, not {wanted[key]}" for key in changed)
+
+
+def _set_aside(run: GridRun, recorded: Optional[dict]) -> None:
+    """Move a folder of another run (another identity) to ``seed<N>.superseded-<time>``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = run.run_dir.with_name(f"{run.run_dir.name}.superseded-{stamp}")
+    suffix = 1
+    while target.exists():
+        target = run.run_dir.with_name(f"{run.run_dir.name}.superseded-{stamp}-{suffix}")
+        suffix += 1
+    os.rename(run.run_dir, target)
+    logger.warning("%s: %s holds another run (%s): moved it to %s; training this one from scratch", run.label,
+                   run.run_dir, _differences(recorded, run.identity), target)
+
+
+def _result_record(run: GridRun) -> dict:
+    return {"variant": run.variant, "backbone": run.backbone, "seed": run.seed, "opts": run.opts,
+            "identity": run.identity}
 
 
 def _fail(run: GridRun, message: str, log: Path) -> dict:
-    failure = {"variant": run.variant, "backbone": run.backbone, "seed": run.seed, "opts": run.opts, "metrics": {},
-               "failed": message, "log": str(log), "log_tail": _log_tail(log)}
+    failure = {**_result_record(run), "metrics": {}, "failed": message, "log": str(log), "log_tail": _log_tail(log)}
     _write(run.run_dir / "failed.json", failure)
     return failure
 
@@ -196,8 +272,7 @@ def _finish(run: GridRun, seconds: Optional[float], measure) -> dict:
         raise RuntimeError(f"{run.run_dir / 'model_final.pth'} not found: the training did not finish")
     metrics = read_final_metrics(run.run_dir)
     metrics.update(measure(run))
-    result = {"variant": run.variant, "backbone": run.backbone, "seed": run.seed, "opts": run.opts, "metrics": metrics,
-              "seconds": seconds}
+    result = {**_result_record(run), "metrics": metrics, "seconds": seconds}
     _write(run.run_dir / "result.json", result)
     (run.run_dir / "failed.json").unlink(missing_ok=True)
     logger.info("%s: AP box %.2f, AP mask %.2f", run.label, metrics.get("bbox/AP", float("nan")),
@@ -251,7 +326,8 @@ def _submit(run: GridRun, config_file: str, slurm: SlurmSettings):
     )
     process = getattr(job, "_process", None)  # submitit's local executor: the job's process
     record = {"job_id": str(job.job_id), "folder": str(folder), "cluster": "local" if process is not None else "slurm",
-              "pid": process.pid if process is not None else None, "opts": run.opts, "submitted": time.time()}
+              "pid": process.pid if process is not None else None, "opts": run.opts, "identity": run.identity,
+              "submitted": time.time()}
     _write(run.run_dir / "job.json", record)
     (run.run_dir / "failed.json").unlink(missing_ok=True)
     logger.info("%s: submitted job %s", run.label, job.job_id)
@@ -272,22 +348,33 @@ def run_grid(runs: Sequence[GridRun], config_file: str, measure, jobs: int = 2, 
 
     Returns {"finished": [...], "failed": [...], "running": [...]} (results, failures with
     their log's last lines, and the runs whose jobs are still alive when ``wait`` is False)."""
-    finished, failed, todo, alive = [], [], [], []
+    finished, failed, todo, alive, busy = [], [], [], [], []
     for run in runs:
-        done = _finished(run)
+        recorded = _read(run.run_dir / "identity.json")
+        job = _read(run.run_dir / "job.json")
+        if run.run_dir.is_dir() and any(run.run_dir.iterdir()) and recorded != run.identity:
+            if job is not None and not (run.run_dir / "result.json").exists() and _job_alive(job, None):
+                busy.append(f"{run.label}: job {job.get('job_id')} in {run.run_dir} ({_differences(recorded, run.identity)})")
+                continue
+            _set_aside(run, recorded)
+            todo.append(run)
+            continue
+        done = _read(run.run_dir / "result.json")
         if done is not None:
             logger.info("Reusing %s", run.run_dir / "result.json")
             finished.append(done)
             continue
         failure = _read(run.run_dir / "failed.json")
-        if failure is not None and failure.get("opts") == run.opts and not retry_failed:
+        if failure is not None and not retry_failed:
             failed.append(failure)
             continue
-        job = _read(run.run_dir / "job.json")
-        if slurm is not None and job is not None and job.get("opts") == run.opts and failure is None:
+        if slurm is not None and job is not None and failure is None:
             alive.append((run, job, None))  # submitted before: collected below, never submitted twice
             continue
         todo.append(run)
+    if busy:
+        raise GridInUseError("these runs have jobs still alive that train another config or code than the one asked "
+                           "for; wait for them to end (or cancel them), then call again:\n" + "\n".join(busy))
     if slurm is None:
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for result in pool.map(lambda run: _train_locally(run, config_file, threads, measure), todo):
