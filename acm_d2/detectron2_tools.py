@@ -15,7 +15,7 @@ that e.g. ``demo/demo.py`` imports its sibling ``predictor.py``). LazyConfig scr
 this; the ACM LazyConfigs import acm_d2 themselves.
 
 Config files can be named ``acm_d2://NAME`` (a config shipped with acm-d2, see
-:mod:`acm_d2.model_zoo`). ``deploy/export_model.py --format onnx --export-method tracing``
+:mod:`acm_d2.model_zoo`), also in the ``_BASE_`` of a YAML file. ``deploy/export_model.py --format onnx --export-method tracing``
 calls ``torch.onnx.export(model, args, f)``, which traced the model with TorchScript when it
 was written; since torch 2.9 that call defaults to ``dynamo=True`` (``torch.export``, and the
 ``onnxscript`` package). Here a call that does not choose ``dynamo`` traces, as the script
@@ -38,10 +38,9 @@ import detectron2.config
 import detectron2.engine.defaults
 import detectron2.utils.analysis
 import yaml
-from detectron2.config import CfgNode
 
 from . import __version__
-from .config import add_acm_config, merge_yaml_file, python_tag_error
+from .config import SafeCfgNode, add_acm_config, python_tag_error
 from .model_zoo import resolve_config_file
 from .modeling.flops import add_acm_flop_handles
 
@@ -49,14 +48,6 @@ __all__ = ["SafeCfgNode", "get_cfg_with_acm", "main", "onnx_export_by_tracing", 
 
 _detectron2_get_cfg = detectron2.config.get_cfg
 _detectron2_lazy_load = detectron2.config.LazyConfig.load
-
-
-class SafeCfgNode(CfgNode):
-    """Detectron2's CfgNode whose ``merge_from_file`` never runs code: the file and its
-    ``_BASE_`` files are read with ``yaml.safe_load`` (``allow_unsafe`` is ignored)."""
-
-    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
-        merge_yaml_file(self, cfg_filename)
 
 
 def get_cfg_with_acm():
