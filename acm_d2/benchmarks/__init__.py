@@ -3,8 +3,7 @@
 * :mod:`~acm_d2.benchmarks.timing`: interleaved timing, peak memory, the stage shapes;
 * :mod:`~acm_d2.benchmarks.module`: one ACM against plain ops, the authors' module, the floor;
 * :mod:`~acm_d2.benchmarks.peers`: ACM and its peers (SE, GC, CBAM, NL, CC), modules and models;
-* :mod:`~acm_d2.benchmarks.model`: whole Mask R-CNN R-50-FPN models sharing their weights;
-* :mod:`~acm_d2.benchmarks.gpu_check`: the one prepared check of a GPU machine, in a budget.
+* :mod:`~acm_d2.benchmarks.model`: whole Mask R-CNN R-50-FPN models sharing their weights.
 
-``tools/benchmark.py`` and ``tools/gpu_check.py`` are the command lines over them.
+``tools/benchmark.py`` is the command line over them.
 """
