@@ -21,6 +21,8 @@ DETECTRON2_SPEC ?=
 
 # onnx 1.23.2 and onnxruntime 1.32.0 (the ONNX export tests) install and run next to numpy<2
 # (numpy 1.26.4 here), which the Detectron2 snapshot and pycocotools builds are pinned with.
+# torch.onnx.export's default route (dynamo=True) needs onnxscript and onnx_ir: their metadata asks
+# for numpy 2, so they are installed without dependencies (what they import is already there).
 
 setup: $(STAMP)
 
@@ -31,6 +33,7 @@ $(STAMP): setup.py Makefile
 		opencv-python-headless Pillow matplotlib termcolor yacs tabulate cloudpickle tqdm \
 		tensorboard "omegaconf>=2.1,<2.4" "hydra-core>=1.1" black packaging pytest \
 		faster-coco-eval submitit simplejpeg onnx==1.23.2 onnxruntime==1.32.0
+	$(PIP) install --quiet --no-deps onnxscript==0.7.2 onnx_ir==1.1.0
 	@if [ -n "$(DETECTRON2_SPEC)" ]; then \
 		echo "Installing Detectron2 from $(DETECTRON2_SPEC)"; \
 		$(PIP) install --no-build-isolation "$(DETECTRON2_SPEC)"; \

@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 
 __all__ = [
     "ModelForInference",
+    "SafeCfgNode",
     "add_acm_config",
     "build_model_from_config_file",
     "check_registered_names",
@@ -120,15 +121,70 @@ def python_tag_error(config_file: str, error) -> ValueError:
     )
 
 
-def merge_yaml_file(cfg, config_file: str) -> None:
-    """``cfg.merge_from_file`` (Detectron2's, with ``_BASE_`` files) reading YAML with
-    ``yaml.safe_load`` only: a Python tag raises :func:`python_tag_error`, never runs."""
+def lazy_config_error(config_file: str) -> ValueError:
+    """The error for a LazyConfig (``.py``) file where a YAML config is merged."""
+    return ValueError(
+        f"{config_file} is a LazyConfig (a Python config), not a YAML config: acm_d2.train_net "
+        f"(tools/train_net.py, acm-d2-train-net) and get_acm_cfg read YAML only. Train it with Detectron2's "
+        f"LazyConfig script (tools/lazyconfig_train_net.py of a Detectron2 checkout): python -m "
+        f"acm_d2.detectron2_tools /path/to/detectron2/tools/lazyconfig_train_net.py --config-file {config_file} "
+        f"[key=value ...] (docs/integration.md, section 3)"
+    )
+
+
+class _UnknownBase(ValueError):
+    """An ``acm_d2://`` name in ``_BASE_`` that is no shipped config (not yet told which file named it)."""
+
+
+def _resolve_base(filename: str) -> str:
+    """The path of a file that fvcore's ``_BASE_`` handling asks for: ``acm_d2://NAME`` (which
+    fvcore joins to the naming file's folder: ``FOLDER/acm_d2://NAME``) -> the shipped config."""
+    from .model_zoo import PREFIX, get_config_file
+
+    filename = str(filename)
+    at = filename.find(PREFIX)
+    if at < 0 or (at > 0 and filename[at - 1] != "/"):
+        return filename
+    try:
+        return get_config_file(filename[at:])
+    except ValueError as e:
+        raise _UnknownBase(str(e)) from None
+
+
+class SafeCfgNode(CN):
+    """Detectron2's CfgNode whose YAML files (the one given and every ``_BASE_``, at any depth)
+    are read with ``yaml.safe_load`` only (``allow_unsafe`` is ignored), where ``_BASE_`` may name
+    a shipped config as ``acm_d2://NAME`` (an unknown name raises ``ValueError`` naming the file
+    and the close names), and where a LazyConfig ``.py`` is refused with the command that trains
+    it. :func:`get_acm_cfg` returns one; so does ``get_cfg()`` under :mod:`acm_d2.detectron2_tools`."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
+        filename = _resolve_base(filename)
+        if str(filename).endswith(".py"):
+            raise lazy_config_error(filename)
+        try:
+            return super().load_yaml_with_base(filename, allow_unsafe=False)
+        except _UnknownBase as e:  # raised for a _BASE_ of this file
+            raise ValueError(f"{filename}: _BASE_ {e}") from None
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        merge_yaml_file(self, cfg_filename)
+
+
+def merge_yaml_file(cfg: SafeCfgNode, config_file: str) -> None:
+    """``cfg.merge_from_file`` (Detectron2's, with ``_BASE_`` files read by
+    :class:`SafeCfgNode`): a Python tag raises :func:`python_tag_error`, never runs."""
     import yaml
     from detectron2.config import CfgNode
 
     from .model_zoo import resolve_config_file
 
+    if not isinstance(cfg, SafeCfgNode):
+        raise TypeError(f"merge_yaml_file merges into a SafeCfgNode (SafeCfgNode(cfg)), not a {type(cfg).__name__}")
     config_file = resolve_config_file(config_file)  # acm_d2://NAME: a config of the package
+    if str(config_file).endswith(".py"):
+        raise lazy_config_error(config_file)
     try:
         CfgNode.merge_from_file(cfg, config_file, allow_unsafe=False)
     except yaml.constructor.ConstructorError as e:
@@ -138,13 +194,14 @@ def merge_yaml_file(cfg, config_file: str) -> None:
 def get_acm_cfg(config_file: str = "", opts: Sequence[str] = ()):
     """Detectron2's config with the ACM keys, merged from a YAML file and ``KEY VALUE`` pairs.
 
-    The YAML file (and every ``_BASE_`` it names) is read with ``yaml.safe_load`` only: a file
-    with Python tags (``!!python/...``) is refused, never executed (Detectron2's own
-    ``merge_from_file`` falls back to an unsafe loader). The registered names it uses are
+    The YAML file (and every ``_BASE_`` it names, which may be ``acm_d2://NAME``) is read with
+    ``yaml.safe_load`` only (:class:`SafeCfgNode`): a file with Python tags (``!!python/...``) is
+    refused, never executed (Detectron2's own ``merge_from_file`` falls back to an unsafe loader). The registered names it uses are
     checked (:func:`check_registered_names`).
     """
     cfg = get_cfg()
     add_acm_config(cfg)
+    cfg = SafeCfgNode(cfg)
     if config_file:
         try:
             merge_yaml_file(cfg, config_file)

@@ -10,11 +10,12 @@ at ``KeyError: Non-existent config key: MODEL.ACM``. This entry point imports ac
 registers the ACM backbones and meta-architectures), makes ``get_cfg()`` return a config
 with the ACM keys (:func:`acm_d2.add_acm_config`), makes Detectron2's ``FlopCountAnalysis``
 count ACM's operations (:mod:`acm_d2.modeling.flops`), and then runs the script as
-``python SCRIPT ARGS`` would. LazyConfig scripts (``lazyconfig_train_net.py``) need none of
+``python SCRIPT ARGS`` would (:func:`run_script`: the script's folder first on ``sys.path``, so
+that e.g. ``demo/demo.py`` imports its sibling ``predictor.py``). LazyConfig scripts (``lazyconfig_train_net.py``) need none of
 this; the ACM LazyConfigs import acm_d2 themselves.
 
 Config files can be named ``acm_d2://NAME`` (a config shipped with acm-d2, see
-:mod:`acm_d2.model_zoo`). ``deploy/export_model.py --format onnx --export-method tracing``
+:mod:`acm_d2.model_zoo`), also in the ``_BASE_`` of a YAML file. ``deploy/export_model.py --format onnx --export-method tracing``
 calls ``torch.onnx.export(model, args, f)``, which traced the model with TorchScript when it
 was written; since torch 2.9 that call defaults to ``dynamo=True`` (``torch.export``, and the
 ``onnxscript`` package). Here a call that does not choose ``dynamo`` traces, as the script
@@ -26,8 +27,10 @@ construct the Python objects of a ``!!python/...`` tag), and weights with
 :class:`acm_d2.engine.SafeCheckpointer` in place of ``DetectionCheckpointer`` (every file but
 a ``.pkl`` with ``weights_only=True``, also when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set).
 """
+import os
 import runpy
 import sys
+from typing import Sequence
 
 import torch
 import detectron2.checkpoint
@@ -35,25 +38,16 @@ import detectron2.config
 import detectron2.engine.defaults
 import detectron2.utils.analysis
 import yaml
-from detectron2.config import CfgNode
 
 from . import __version__
-from .config import add_acm_config, merge_yaml_file, python_tag_error
+from .config import SafeCfgNode, add_acm_config, python_tag_error
 from .model_zoo import resolve_config_file
 from .modeling.flops import add_acm_flop_handles
 
-__all__ = ["SafeCfgNode", "get_cfg_with_acm", "main", "onnx_export_by_tracing"]
+__all__ = ["SafeCfgNode", "get_cfg_with_acm", "main", "onnx_export_by_tracing", "run_script"]
 
 _detectron2_get_cfg = detectron2.config.get_cfg
 _detectron2_lazy_load = detectron2.config.LazyConfig.load
-
-
-class SafeCfgNode(CfgNode):
-    """Detectron2's CfgNode whose ``merge_from_file`` never runs code: the file and its
-    ``_BASE_`` files are read with ``yaml.safe_load`` (``allow_unsafe`` is ignored)."""
-
-    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
-        merge_yaml_file(self, cfg_filename)
 
 
 def get_cfg_with_acm():
@@ -95,6 +89,28 @@ def onnx_export_by_tracing(model, args=(), f=None, **kwargs):
     return _torch_onnx_export(model, args, f, **kwargs)
 
 
+def run_script(path: str, argv: Sequence[str] = ()) -> None:
+    """Run the Python file ``path`` with arguments ``argv`` as ``python path *argv`` would: as
+    ``__main__``, with ``__file__`` = ``path``, ``sys.argv`` = [path, *argv] and the script's
+    folder first on ``sys.path`` (so that it imports its sibling files). ``sys.argv`` and
+    ``sys.path`` are restored afterwards, and the modules imported from the script's folder
+    are forgotten (another script's sibling of the same name is then imported afresh)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such script; give the path of one of Detectron2's scripts (.py)")
+    folder = os.path.dirname(os.path.abspath(path))
+    saved_argv, saved_path, known = sys.argv, list(sys.path), set(sys.modules)
+    sys.argv = [path, *argv]
+    sys.path.insert(0, folder)
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        for name in set(sys.modules) - known:
+            module_file = getattr(sys.modules[name], "__file__", None)
+            if "." not in name and module_file and os.path.dirname(os.path.abspath(module_file)) == folder:
+                del sys.modules[name]
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
@@ -112,8 +128,7 @@ def main(argv=None) -> None:
     detectron2.engine.defaults.DetectionCheckpointer = SafeCheckpointer
     detectron2.utils.analysis.FlopCountAnalysis = FlopCountAnalysisWithACM
     torch.onnx.export = onnx_export_by_tracing
-    sys.argv = argv
-    runpy.run_path(argv[0], run_name="__main__")
+    run_script(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

@@ -56,3 +56,52 @@ def test_config_builds(path):
         one_x = "_1x" in path
         assert cfg.SOLVER.MAX_ITER == (90000 if one_x else 270000)
         assert tuple(cfg.SOLVER.STEPS) == ((60000, 80000) if one_x else (210000, 250000))
+
+
+# ------------------------------------------------ issue 26: acm_d2:// in a user's own _BASE_
+SHIPPED = "Synthetic/mask_rcnn_R_18_FPN_acm.yaml"
+
+
+def _user_configs(tmp_path, base=f"acm_d2://{SHIPPED}"):
+    """mine.yaml -> (_BASE_) deeper/user.yaml -> (_BASE_) ``base``; returns mine.yaml."""
+    (tmp_path / "deeper").mkdir(exist_ok=True)
+    (tmp_path / "deeper" / "user.yaml").write_text(f'_BASE_: "{base}"\nSOLVER:\n  MAX_ITER: 7\n')
+    mine = tmp_path / "mine.yaml"
+    mine.write_text('_BASE_: ["deeper/user.yaml"]\nSOLVER:\n  BASE_LR: 0.005\n')
+    return mine
+
+
+def test_user_yaml_inherits_a_shipped_config_at_any_depth(tmp_path, monkeypatch):
+    import detectron2.config
+
+    import acm_d2.train_net
+    from acm_d2 import get_acm_cfg, model_zoo
+    from acm_d2.detectron2_tools import get_cfg_with_acm
+
+    mine = _user_configs(tmp_path)
+    expected = get_acm_cfg(f"acm_d2://{SHIPPED}", ["SOLVER.MAX_ITER", "7", "SOLVER.BASE_LR", "0.005"]).dump()
+    assert get_acm_cfg(str(mine)).dump() == expected
+    assert model_zoo.get_config(SHIPPED).MODEL.ACM.MODULE == "ACM"
+    lazy = model_zoo.get_config("acm_d2://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py")  # in a .py
+    assert lazy.model.orth_loss_modules == "res5"
+    cfg = get_cfg_with_acm()  # Detectron2's get_cfg() under python -m acm_d2.detectron2_tools
+    cfg.merge_from_file(str(mine))
+    assert cfg.dump() == expected
+    # acm-d2-train-net / tools/train_net.py: the config is merged before the processes start
+    launched = {}
+    monkeypatch.setattr(acm_d2.train_net, "launch", lambda main, *a, **k: launched.update(k))
+    monkeypatch.setattr("sys.argv", ["train_net.py", "--config-file", str(mine), "MODEL.DEVICE", "cpu"])
+    acm_d2.train_net.invoke_main()
+    assert launched["device"] == "cpu"
+    assert detectron2.config.get_cfg is not get_cfg_with_acm  # nothing patched here
+
+    # a name that is not shipped: refused, naming the file that names it and the close names
+    _user_configs(tmp_path, base="acm_d2://Synthetic/mask_rcnn_R_18_FPN_ac.yaml")
+    for merge in (lambda: get_acm_cfg(str(mine)), lambda: get_cfg_with_acm().merge_from_file(str(mine)),
+                  acm_d2.train_net.invoke_main):
+        with pytest.raises(ValueError) as info:
+            merge()
+        assert str(info.value).startswith(
+            f"{tmp_path / 'deeper' / 'user.yaml'}: _BASE_ 'acm_d2://Synthetic/mask_rcnn_R_18_FPN_ac.yaml' is not a "
+            f"config of acm-d2's model zoo. Close names: ['Synthetic/mask_rcnn_R_18_FPN_acm.yaml'"
+        ), str(info.value)

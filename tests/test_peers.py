@@ -225,6 +225,26 @@ def test_export_paths_match_eager_for_every_peer():
     torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
 
 
+REGISTERED = sorted(name for name, _ in CONTEXT_MODULE_REGISTRY)  # every module MODEL.ACM.MODULE can name
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_registered_module_scripts_and_matches_eager(name):
+    """torch.jit.script of the module alone (NL and CC turned autocast off with a device
+    that TorchScript refused: 'Autocast device argument must be a constant')."""
+    torch.manual_seed(0)
+    module = CONTEXT_MODULE_REGISTRY.get(name)(64).eval()
+    with torch.no_grad():
+        for parameter in module.parameters():  # not the zero init, which makes NL, CC, GC the identity
+            parameter.normal_(0, 0.2)
+    x = torch.randn(2, 64, 5, 7)
+    scripted = torch.jit.script(module)
+    with torch.no_grad():
+        expected, got = module(x), scripted(x)
+    assert not torch.equal(expected, x), name
+    assert torch.equal(got, expected), name
+
+
 @pytest.mark.parametrize("module", ["NL", "CC", "GC", "CBAM", "SE"])
 def test_flop_counts_cover_every_op_of_the_peers(module):
     from detectron2.utils.analysis import FlopCountAnalysis

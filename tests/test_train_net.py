@@ -92,3 +92,20 @@ def test_full_model_gradient_clipping():
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "whole"
     with pytest.raises(ValueError, match="full_model"):
         ResumableTrainer.build_optimizer(cfg, model)
+
+
+def test_lazy_config_is_named_with_the_command_that_trains_it(tmp_path, monkeypatch):
+    """Issue 26: a LazyConfig given to tools/train_net.py stopped at a YAML ParserError."""
+    import acm_d2.train_net
+
+    lazy = REPO / "configs" / "COCO-InstanceSegmentation" / "mask_rcnn_R_50_FPN_1x_acm_lazy.py"
+    user = tmp_path / "user.yaml"
+    user.write_text(f'_BASE_: "{lazy}"\n')
+    for config_file, named in ((str(lazy), lazy), ("acm_d2://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm_lazy.py", lazy),
+                               (str(user), lazy)):
+        monkeypatch.setattr("sys.argv", ["train_net.py", "--config-file", config_file, "MODEL.DEVICE", "cpu"])
+        with pytest.raises(ValueError) as info:
+            acm_d2.train_net.invoke_main()
+        assert str(info.value).startswith(f"{named} is a LazyConfig (a Python config), not a YAML config")
+        assert (f"python -m acm_d2.detectron2_tools /path/to/detectron2/tools/lazyconfig_train_net.py --config-file "
+                f"{named} [key=value ...]") in str(info.value)

@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark of ACM and its peers (the measuring code is acm_d2/benchmarking.py and
-acm_d2/peer_benchmark.py).
+"""Side-by-side benchmark of ACM and its peers (the measuring code is the package acm_d2/benchmarks/).
 
     python tools/benchmark.py --threads 2 --json bench.json   # everything (docs/benchmark.md)
     python tools/benchmark.py --device cuda --json bench.json # on a GPU
@@ -17,7 +16,8 @@ import sys
 
 import torch
 
-from acm_d2 import benchmarking, peer_benchmark
+from acm_d2.benchmarks import model, module, peers
+from acm_d2.benchmarks.timing import QUICK_STAGES, STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs", "COCO-InstanceSegmentation")
@@ -125,22 +125,22 @@ def main(argv=None):
     print(f"acm-d2 benchmark on {info['device']} ({info['device_name']}), {info['torch_threads']} threads, torch {info['torch']}")
     results = {"info": info}
     if not args.no_module:
-        stages = benchmarking.QUICK_STAGES if args.quick else {s: benchmarking.STAGES[s] for s in args.stages.split(",")}
+        stages = QUICK_STAGES if args.quick else {s: STAGES[s] for s in args.stages.split(",")}
         batches = [int(b) for b in args.batches.split(",")]
-        results["module"] = benchmarking.bench_modules(stages, batches, args.groups, args.repeats, device)
+        results["module"] = module.bench_modules(stages, batches, args.groups, args.repeats, device)
         print_modules(results["module"])
     if not args.no_model:
-        results["model"] = benchmarking.bench_models(CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
+        results["model"] = model.bench_models(CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
         print_model(results["model"])
     if not args.no_compile:
-        results["compiled"] = benchmarking.bench_compiled(CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
+        results["compiled"] = model.bench_compiled(CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
         print_compiled(results["compiled"])
     if not args.no_peers:
-        stages = benchmarking.QUICK_STAGES if args.quick else {s: benchmarking.STAGES[s] for s in args.stages.split(",")}
-        results["peers"] = peer_benchmark.bench_peer_modules(stages, args.peer_batch, args.repeats, device)
-        results["peer_memory"] = [] if args.quick else peer_benchmark.attention_memory_scaling(device)
+        stages = QUICK_STAGES if args.quick else {s: STAGES[s] for s in args.stages.split(",")}
+        results["peers"] = peers.bench_peer_modules(stages, args.peer_batch, args.repeats, device)
+        results["peer_memory"] = [] if args.quick else peers.attention_memory_scaling(device)
         if not args.no_model:
-            results["peer_models"] = peer_benchmark.bench_peer_models(
+            results["peer_models"] = peers.bench_peer_models(
                 CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
         print_peers(results["peers"], results["peer_memory"], results.get("peer_models"))
     if args.json:

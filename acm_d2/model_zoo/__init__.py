@@ -4,8 +4,8 @@ A config's name is its path under the repository's ``configs/`` folder, e.g.
 ``"COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml"``; ``acm_d2://`` in front of it
 (``acm_d2://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml``) names it wherever a
 config *file* is expected: ``--config-file`` of ``acm-d2-train-net`` / ``tools/train_net.py``,
-of Detectron2's scripts run through ``python -m acm_d2.detectron2_tools``, and
-:func:`acm_d2.get_acm_cfg`.
+of Detectron2's scripts run through ``python -m acm_d2.detectron2_tools``,
+:func:`acm_d2.get_acm_cfg`, and the ``_BASE_`` of a YAML file (:class:`acm_d2.config.SafeCfgNode`).
 
     from acm_d2 import model_zoo
     cfg = model_zoo.get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x_acm.yaml")

@@ -17,6 +17,10 @@ identity at initialisation. Convolutions keep PyTorch's default initialisation.
 Placement (CCNet's COCO experiments, following the non-local paper): one unit after a whole
 ResNet block, right before the last residual block of res4 (``MODEL.ACM.AFTER_BLOCKS``).
 Memory: A has H * W * (H + W) entries per image, kept in float32.
+
+Precision: the energies, the softmax and the weighted sum run in float32 (float64 for
+float64 X) with autocast turned off in eager mode; TorchScript takes no autocast of a
+variable device, so the scripted module casts to float32 and leaves autocast as it is.
 """
 import torch
 from torch import nn
@@ -61,17 +65,24 @@ class CrissCrossAttention(nn.Module):
         """x (N, C, H, W) -> A, (N, H, W, H + W) float32 (float64 for float64 x): for the
         pixel (i, j), entries [0, H) are its column (k, j) (zero at k = i, the pixel being
         counted in its row) and entries [H, H + W) its row (i, k); they sum to 1."""
-        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-        h = x.shape[2]
         query = self.query(x)  # (N, C', H, W)
         key = self.key(x)  # (N, C', H, W)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            query, key = query.to(wide), key.to(wide)
-            column = torch.einsum("ncij,nckj->nijk", query, key)  # (N, H, W, H): pixel (i, j) and (k, j)
-            itself = torch.eye(h, dtype=torch.bool, device=x.device).view(h, 1, h)  # k == i
-            column = column.masked_fill(itself, float("-inf"))
-            row = torch.einsum("ncij,ncik->nijk", query, key)  # (N, H, W, W): pixel (i, j) and (i, k)
-            return torch.softmax(torch.cat([column, row], dim=-1), dim=-1)
+        if torch.jit.is_scripting():  # TorchScript takes no autocast of a variable device
+            return self._softmax_of_energies(query, key)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 under autocast
+            return self._softmax_of_energies(query, key)
+
+    @staticmethod
+    def _softmax_of_energies(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Q, K (N, C', H, W) -> A of :meth:`attention`, in float32 (float64 for float64 Q)."""
+        wide = torch.float64 if query.dtype == torch.float64 else torch.float32
+        query, key = query.to(wide), key.to(wide)
+        h = query.shape[2]
+        column = torch.einsum("ncij,nckj->nijk", query, key)  # (N, H, W, H): pixel (i, j) and (k, j)
+        itself = torch.eye(h, dtype=torch.bool, device=query.device).view(h, 1, h)  # k == i
+        column = column.masked_fill(itself, float("-inf"))
+        row = torch.einsum("ncij,ncik->nijk", query, key)  # (N, H, W, W): pixel (i, j) and (i, k)
+        return torch.softmax(torch.cat([column, row], dim=-1), dim=-1)
 
     def attention_of_position(self, x: torch.Tensor, row: int, col: int) -> torch.Tensor:
         """x (N, C, H, W) -> (N, H, W): the weights of the first criss-cross pass with which the
@@ -88,11 +99,19 @@ class CrissCrossAttention(nn.Module):
         h, w = x.shape[2:]
         attention = self.attention(x)  # (N, H, W, H + W)
         value = self.value(x)  # (N, C, H, W)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            value = value.to(attention.dtype)
-            column, row = attention.split([h, w], dim=-1)
-            gathered = torch.einsum("nijk,nckj->ncij", column, value) + torch.einsum("nijk,ncik->ncij", row, value)
+        if torch.jit.is_scripting():
+            gathered = self._gather(attention, value, h, w)
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                gathered = self._gather(attention, value, h, w)
         return self.gamma.to(x.dtype) * gathered.to(x.dtype) + x
+
+    @staticmethod
+    def _gather(attention: torch.Tensor, value: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """A (N, H, W, H + W), V (N, C, H, W) -> sum_v A(u, v) V_v, (N, C, H, W) in A's dtype."""
+        value = value.to(attention.dtype)
+        column, row = attention.split([h, w], dim=-1)
+        return torch.einsum("nijk,nckj->ncij", column, value) + torch.einsum("nijk,ncik->ncij", row, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> the attention applied ``recurrence`` times, (N, C, H, W)."""

@@ -16,6 +16,10 @@ the identity at initialisation and a pretrained network keeps its function (the 
 Placement (the paper's Mask R-CNN setting, section 6): one block after a whole ResNet block,
 right before the last residual block of res4 (``MODEL.ACM.AFTER_BLOCKS``). Memory: the map f
 has (HW)^2 entries per image, kept in float32.
+
+Precision: the energies, the softmax and the weighted sum run in float32 (float64 for
+float64 X) with autocast turned off in eager mode; TorchScript takes no autocast of a
+variable device, so the scripted module casts to float32 and leaves autocast as it is.
 """
 import torch
 from detectron2.layers import Conv2d, get_norm
@@ -77,12 +81,23 @@ class NonLocalBlock(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) -> f, (N, HW, HW) float32 (float64 for float64 x): row i is the
         softmax over positions j that position i (row-major, i = h * W + w) attends to."""
-        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
         theta = self.theta(x).flatten(2)  # (N, C', HW)
         phi = self.phi(x).flatten(2)  # (N, C', HW)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            energy = torch.bmm(theta.to(wide).transpose(1, 2), phi.to(wide))  # (N, HW, HW)
-            return torch.softmax(energy * self.inner_channels ** -0.5, dim=-1)
+        if torch.jit.is_scripting():  # TorchScript takes no autocast of a variable device
+            return self._softmax_of_energies(theta, phi)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 under autocast
+            return self._softmax_of_energies(theta, phi)
+
+    def _softmax_of_energies(self, theta: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """theta, phi (N, C', HW) -> softmax_j(theta_i . phi_j / sqrt(C')), (N, HW, HW) in
+        float32 (float64 for float64 inputs)."""
+        wide = torch.float64 if theta.dtype == torch.float64 else torch.float32
+        energy = torch.bmm(theta.to(wide).transpose(1, 2), phi.to(wide))  # (N, HW, HW)
+        return torch.softmax(energy * self.inner_channels ** -0.5, dim=-1)
+
+    def _gather(self, g: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """g (N, C', HW), f (N, HW, HW) -> y_i = sum_j f(i, j) g_j, (N, C', HW) in f's dtype."""
+        return torch.bmm(g.to(attention.dtype), attention.transpose(1, 2))
 
     def attention_of_position(self, x: torch.Tensor, row: int, col: int) -> torch.Tensor:
         """x (N, C, H, W) -> (N, H, W): the weights f(u, .) with which the position u = (row,
@@ -97,7 +112,10 @@ class NonLocalBlock(nn.Module):
         n, _, h, w = x.shape
         attention = self.attention(x)  # (N, HW, HW)
         g = self.g(x).flatten(2)  # (N, C', HW)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            y = torch.bmm(g.to(attention.dtype), attention.transpose(1, 2))  # (N, C', HW)
+        if torch.jit.is_scripting():
+            y = self._gather(g, attention)  # (N, C', HW)
+        else:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                y = self._gather(g, attention)
         y = y.to(x.dtype).view(n, self.inner_channels, h, w)
         return x + self.out(y)

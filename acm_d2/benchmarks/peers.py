@@ -1,5 +1,5 @@
 """ACM and its peers (SE, GC, CBAM, NL, CC) measured side by side, for ``tools/benchmark.py``
-(see docs/benchmark.md). Timing as in :mod:`acm_d2.benchmarking`: cases interleaved in one run,
+(see docs/benchmark.md). Timing as in :mod:`acm_d2.benchmarks.timing`: cases interleaved in one run,
 minima over the repeats, ratios of cases of the same run.
 
 * :func:`bench_peer_modules`: each module at the ResNet-50 shapes of an 800x1216 batch of 2
@@ -19,15 +19,9 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from .benchmarking import (
-    backbone_inference_case,
-    build_sharing_models,
-    random_batch,
-    run_interleaved,
-    saved_bytes_over_input,
-    training_step_case,
-)
-from .modeling.context import CONTEXT_MODULE_REGISTRY
+from ..modeling.context import CONTEXT_MODULE_REGISTRY
+from .model import backbone_inference_case, build_sharing_models, random_batch, training_step_case
+from .timing import run_interleaved, saved_bytes_over_input
 
 __all__ = ["PEER_PLACES", "attention_memory_scaling", "bench_peer_models", "bench_peer_modules"]
 
@@ -86,7 +80,7 @@ def _module_cases(modules: Dict[str, nn.Module], shape: Sequence[int], device: t
 
 
 def bench_peer_modules(stages: Dict[str, Sequence[int]], batch: int, repeats: int, device: torch.device) -> List[dict]:
-    """One result per stage ({name: (C, H, W)}, e.g. :data:`acm_d2.benchmarking.STAGES`): the
+    """One result per stage ({name: (C, H, W)}, e.g. :data:`acm_d2.benchmarks.timing.STAGES`): the
     times of every module placed there (:data:`PEER_PLACES`; every module at a stage of
     another name), their ratios over the floor, and their saved bytes over X's."""
     results = []
