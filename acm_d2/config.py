@@ -183,8 +183,6 @@ def merge_yaml_file(cfg: SafeCfgNode, config_file: str) -> None:
     if not isinstance(cfg, SafeCfgNode):
         raise TypeError(f"merge_yaml_file merges into a SafeCfgNode (SafeCfgNode(cfg)), not a {type(cfg).__name__}")
     config_file = resolve_config_file(config_file)  # acm_d2://NAME: a config of the package
-    if str(config_file).endswith(".py"):
-        raise lazy_config_error(config_file)
     try:
         CfgNode.merge_from_file(cfg, config_file, allow_unsafe=False)
     except yaml.constructor.ConstructorError as e:
