@@ -2,6 +2,8 @@
 #
 #   make demo    generate the built-in data, train Mask R-CNN + ACM on it, evaluate, draw
 #   make test    run the test suite
+#   make gpu-check  on a GPU machine: CUDA tests, model, module and demo within a budget
+#                (GPU_CHECK_ARGS, e.g. "--budget-s 300"; docs/benchmark.md, "On a GPU")
 #
 # DETECTRON2_SPEC: pip spec to install Detectron2 from, for example
 #   DETECTRON2_SPEC='git+https://github.com/facebookresearch/detectron2.git'
@@ -17,7 +19,7 @@ D2_SNAPSHOT := sal-detectron2==0.7.2
 D2_TARGET := $(VENV)/detectron2-snapshot
 DETECTRON2_SPEC ?=
 
-.PHONY: setup test demo benchmark clean-venv
+.PHONY: setup test demo benchmark gpu-check gpu-wheels gpu-check-offline clean-venv
 
 # onnx 1.23.2 and onnxruntime 1.32.0 (the ONNX export tests) install and run next to numpy<2
 # (numpy 1.26.4 here), which the Detectron2 snapshot and pycocotools builds are pinned with.
@@ -56,6 +58,32 @@ demo: setup
 
 benchmark: setup
 	$(PY) tools/benchmark.py --threads 2 --json benchmark.json
+
+GPU_CHECK_ARGS ?=
+gpu-check: setup
+	$(PY) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'kernels for', torch.cuda.get_arch_list())"
+	$(PY) tools/gpu_check.py --output-dir output/gpu_check $(GPU_CHECK_ARGS)
+
+# A GPU machine without a package index, whose python3 has a CUDA torch of its own (such as a
+# lent cloud machine): `make gpu-wheels` on a machine with PyPI puts what acm-d2 needs besides
+# torch, torchvision, numpy, OpenCV, matplotlib and pytest into GPU_WHEELS, for that machine's
+# Python (GPU_PYTHON_VERSION); there, `make gpu-check-offline` installs them into a folder of
+# their own and runs the check with its python3 (tools/gpu_check_offline.sh).
+GPU_WHEELS ?= .whl
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)/detectron2
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+		--implementation cp $(GPU_PLATFORMS) -d $(GPU_WHEELS) pycocotools iopath yacs termcolor tabulate \
+		"omegaconf>=2.1,<2.4" "hydra-core>=1.1" "setuptools<81" portalocker
+	$(PYTHON) -m pip wheel --quiet --no-deps -w $(GPU_WHEELS) fvcore antlr4-python3-runtime==4.9.3
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.10 \
+		-d $(GPU_WHEELS)/detectron2 $(D2_SNAPSHOT)
+	du -sh $(GPU_WHEELS)
+
+gpu-check-offline:
+	bash tools/gpu_check_offline.sh $(GPU_WHEELS) --output-dir output/gpu_check $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -149,18 +149,19 @@ def test_torch_export_with_dynamic_height_and_width():
 
 
 @pytest.mark.slow
-def test_torch_compile_of_an_acm_block_matches_eager():
-    """torch.compile (inductor) of one ACM block: inference, and training through the fused Function."""
-    block = tiny_model().backbone.bottom_up.res4[0]
-    compiled = torch.compile(block)
-    x = torch.randn(2, 128, 8, 12)
+def test_torch_compile_of_an_acm_matches_eager():
+    """torch.compile (inductor) of the ACM of a model's block (the block's convolutions are
+    Detectron2's): inference, and training through the fused Function."""
+    acm = tiny_model().backbone.bottom_up.res4[0].context
+    compiled = torch.compile(acm)
+    x = torch.randn(2, acm.channels, 8, 12)
     with torch.no_grad():
-        torch.testing.assert_close(compiled.eval()(x), block.eval()(x), atol=1e-4, rtol=1e-4)
-    block.train()
+        torch.testing.assert_close(compiled.eval()(x), acm.eval()(x), atol=1e-4, rtol=1e-4)
+    acm.train()
     x_eager, x_compiled = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    block(x_eager).square().sum().backward()
-    grad_eager = block.context.kq_logits.weight.grad.clone()
-    block.zero_grad()
+    acm(x_eager).square().sum().backward()
+    grad_eager = acm.kq_logits.weight.grad.clone()
+    acm.zero_grad()
     compiled(x_compiled).square().sum().backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(block.context.kq_logits.weight.grad, grad_eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(acm.kq_logits.weight.grad, grad_eager, atol=1e-4, rtol=1e-4)

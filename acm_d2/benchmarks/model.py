@@ -17,7 +17,7 @@ from torch import nn
 
 from ..modeling.acm import ACM
 from .module import reference_like
-from .timing import run_interleaved
+from .timing import autocast, run_interleaved
 
 __all__ = [
     "backbone_inference_case",
@@ -137,24 +137,28 @@ def random_batch(batch: int, height: int, width: int, device: torch.device, boxe
     return inputs
 
 
-def backbone_inference_case(model: nn.Module, images: torch.Tensor) -> Callable:
-    """A timed case: ``model.backbone(images)`` without gradients."""
+def backbone_inference_case(model: nn.Module, images: torch.Tensor, precision: str = "float32") -> Callable:
+    """A timed case: ``model.backbone(images)`` without gradients, under ``precision``'s autocast."""
+    device = images.device
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             model.backbone(images)
 
     return run
 
 
-def training_step_case(model: nn.Module, inputs, optimizer) -> Callable:
-    """A timed case: one training step of ``model`` on ``inputs`` (loss dict summed)."""
+def training_step_case(model: nn.Module, inputs, optimizer, precision: str = "float32") -> Callable:
+    """A timed case: one training step of ``model`` on ``inputs`` (loss dict summed), the
+    forward under ``precision``'s autocast (as Detectron2's AMPTrainer; no loss scaling)."""
+    device = next(model.parameters()).device
 
     def run():
         torch.manual_seed(0)  # the same sampling draws in every model
-        losses = model(inputs)
+        with autocast(device, precision):
+            losses = model(inputs)
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        sum(loss.float() for loss in losses.values()).backward()
         optimizer.step()
 
     return run

@@ -11,19 +11,26 @@ minima over the repeats, ratios of cases of the same run.
 * :func:`bench_peer_models`: Mask R-CNN R-50-FPN from the configs
   ``mask_rcnn_R_50_FPN_1x{,_se,_gc,_cbam,_nl,_cc,_acm}.yaml``, every Detectron2 weight shared
   with the plain model: backbone inference and a training step, over the plain model.
+* :func:`precision_errors`: each module under autocast against its float32 self, at a
+  realistic magnitude of X: are output and input gradient finite, and how far off.
+
+``precision`` is "float32" (no autocast) or "bfloat16" / "float16": the module's forward
+(the model's forward, as Detectron2's ``SOLVER.AMP``) runs under ``torch.autocast`` with
+that dtype, X itself in that dtype as the convolutions before it would leave it.
 """
 import gc
 import logging
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..modeling.context import CONTEXT_MODULE_REGISTRY
 from .model import backbone_inference_case, build_sharing_models, random_batch, training_step_case
-from .timing import run_interleaved, saved_bytes_over_input
+from .timing import PRECISIONS, autocast, run_interleaved, saved_bytes_over_input
 
-__all__ = ["PEER_PLACES", "attention_memory_scaling", "bench_peer_models", "bench_peer_modules"]
+__all__ = ["PEER_PLACES", "attention_memory_scaling", "bench_peer_models", "bench_peer_modules", "build_peer_models",
+           "precision_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +58,15 @@ def _random_module(name: str, channels: int, device: torch.device) -> nn.Module:
     return module.train()
 
 
-def _module_cases(modules: Dict[str, nn.Module], shape: Sequence[int], device: torch.device) -> Dict[str, object]:
-    """{floor, modules} x {infer, train} x {contiguous, channels_last} for one shape."""
+def _module_cases(modules: Dict[str, nn.Module], shape: Sequence[int], device: torch.device,
+                  precision: str = "float32") -> Dict[str, object]:
+    """{floor, modules} x {infer, train} x {contiguous, channels_last} for one shape; X (and
+    the floor's ``X * s``) in ``precision``, the modules' forward under its autocast."""
+    dtype = PRECISIONS[precision]
     torch.manual_seed(1)
-    x = torch.randn(shape, device=device)
-    upstream = torch.randn(shape, device=device)
-    scale = torch.rand(1, shape[1], 1, 1, device=device, requires_grad=True)
+    x = torch.randn(shape, device=device).to(dtype)
+    upstream = torch.randn(shape, device=device).to(dtype)
+    scale = torch.rand(1, shape[1], 1, 1, device=device).to(dtype).requires_grad_(True)
     everything = {"floor": lambda t: t * scale, **modules}
     cases = {}
     for layout, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
@@ -64,11 +74,13 @@ def _module_cases(modules: Dict[str, nn.Module], shape: Sequence[int], device: t
         x_g = x_l.clone().requires_grad_(True)
         for name, fn in everything.items():
             def infer(fn=fn, x_l=x_l):
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device, precision):
                     fn(x_l)
 
             def train(fn=fn, x_g=x_g, up_l=up_l):
-                fn(x_g).backward(up_l)
+                with autocast(device, precision):
+                    y = fn(x_g)
+                y.backward(up_l.to(y.dtype))
                 x_g.grad = None
                 scale.grad = None
                 for module in modules.values():
@@ -79,24 +91,32 @@ def _module_cases(modules: Dict[str, nn.Module], shape: Sequence[int], device: t
     return cases
 
 
-def bench_peer_modules(stages: Dict[str, Sequence[int]], batch: int, repeats: int, device: torch.device) -> List[dict]:
+def _modules_at(stage: str, channels: int, device: torch.device) -> Dict[str, nn.Module]:
+    """Every module placed at ``stage`` (:data:`PEER_PLACES`; every module at a stage of another name)."""
+    return {name: _random_module(name, channels, device) for name, places in PEER_PLACES.items()
+            if stage in places or not stage.startswith("res")}
+
+
+def bench_peer_modules(stages: Dict[str, Sequence[int]], batch: int, repeats: int, device: torch.device,
+                       precision: str = "float32", warmup: int = 1) -> List[dict]:
     """One result per stage ({name: (C, H, W)}, e.g. :data:`acm_d2.benchmarks.timing.STAGES`): the
-    times of every module placed there (:data:`PEER_PLACES`; every module at a stage of
-    another name), their ratios over the floor, and their saved bytes over X's."""
+    times of every module placed there (:func:`_modules_at`), their ratios over the floor (in
+    the same ``precision``), their saved bytes over X's, and (on CUDA) each case's peak memory."""
     results = []
     for stage, (c, h, w) in stages.items():
         shape = (batch, c, h, w)
-        modules = {name: _random_module(name, c, device) for name, places in PEER_PLACES.items()
-                   if stage in places or not stage.startswith("res")}
-        times = run_interleaved(_module_cases(modules, shape, device), repeats, device)
-        x = torch.randn(shape, device=device, requires_grad=True)
+        modules = _modules_at(stage, c, device)
+        times = run_interleaved(_module_cases(modules, shape, device, precision), repeats, device, warmup)
+        x = torch.randn(shape, device=device).to(PRECISIONS[precision]).requires_grad_(True)
         over_floor = {
             f"{name}_{mode}_{layout}": times[f"{name}_{mode}_{layout}"]["min_ms"] / times[f"floor_{mode}_{layout}"]["min_ms"]
             for name in modules for mode in ("infer", "train") for layout in ("contiguous", "channels_last")
         }
-        saved = {name: saved_bytes_over_input(module, x) for name, module in modules.items()}
-        results.append({"stage": stage, "shape": list(shape), "times": times, "over_floor": over_floor, "saved_over_x": saved})
-        logger.info("measured the peers at %s", stage)
+        with autocast(device, precision):
+            saved = {name: saved_bytes_over_input(module, x) for name, module in modules.items()}
+        results.append({"stage": stage, "shape": list(shape), "precision": precision, "times": times,
+                        "over_floor": over_floor, "saved_over_x": saved})
+        logger.info("measured the peers at %s in %s", stage, precision)
         del modules
         gc.collect()
     return results
@@ -118,13 +138,52 @@ def attention_memory_scaling(device: torch.device, sides: Sequence[int] = (400, 
     return rows
 
 
+def precision_errors(stages: Dict[str, Sequence[int]], batch: int, device: torch.device, precision: str,
+                     magnitude: float = 8.0) -> List[dict]:
+    """Each module of each stage (:func:`_modules_at`) on X ~ N(0, magnitude^2) in float32 and
+    under ``precision``'s autocast (X cast to it): whether Y and dL/dX (L = sum(Y * U), U ~
+    N(0, 1)) are finite, and their largest error over the float32 values' largest magnitude."""
+    rows = []
+    for stage, (c, h, w) in stages.items():
+        torch.manual_seed(2)
+        x = torch.randn(batch, c, h, w, device=device) * magnitude
+        upstream = torch.randn_like(x)
+        for name, module in _modules_at(stage, c, device).items():
+            results = {}
+            for p in ("float32", precision):
+                x_p = x.to(PRECISIONS[p], copy=True).requires_grad_(True)
+                with autocast(device, p):
+                    y = module(x_p)
+                y.backward(upstream.to(y.dtype))
+                results[p] = (y.detach().float(), x_p.grad.float())
+            (y32, g32), (y_p, g_p) = results["float32"], results[precision]
+            rows.append({
+                "stage": stage, "module": name, "precision": precision, "magnitude": magnitude,
+                "finite": bool(torch.isfinite(y_p).all() and torch.isfinite(g_p).all()),
+                "output_error": float((y_p - y32).abs().max() / y32.abs().max().clamp_min(1e-30)),
+                "grad_error": float((g_p - g32).abs().max() / g32.abs().max().clamp_min(1e-30)),
+            })
+        gc.collect()
+    return rows
+
+
+def build_peer_models(config_dir: str, device: torch.device, rois_per_image: int = 32) -> Dict[str, nn.Module]:
+    """The plain Mask R-CNN R-50-FPN and each module's, sharing the plain one's weights
+    (:func:`acm_d2.benchmarks.model.build_sharing_models`)."""
+    return build_sharing_models(config_dir, _CONFIG_SUFFIX, device, rois_per_image)
+
+
 def bench_peer_models(config_dir: str, device: torch.device, size: Sequence[int], batch: int, repeats: int,
-                      rois_per_image: int = 32) -> dict:
+                      rois_per_image: int = 32, precision: str = "float32", models: Optional[Dict[str, nn.Module]] = None,
+                      warmup: int = 1) -> dict:
     """Backbone inference and a training step of the plain Mask R-CNN R-50-FPN and of each
-    peer's model (sharing the plain model's weights), interleaved; ratios over the plain one."""
+    peer's model (sharing the plain model's weights), interleaved; ratios over the plain one.
+    The forward runs under ``precision``'s autocast (as ``SOLVER.AMP``), the backward outside.
+    ``models``: those of :func:`build_peer_models`, to measure them again (else built here);
+    ``warmup``: untimed rounds before the ``repeats`` timed ones."""
     from detectron2.utils.events import EventStorage
 
-    models = build_sharing_models(config_dir, _CONFIG_SUFFIX, device, rois_per_image)
+    models = models if models is not None else build_peer_models(config_dir, device, rois_per_image)
     plain = models["plain"]
     inputs = random_batch(batch, size[0], size[1], device)
     with torch.no_grad():
@@ -132,15 +191,18 @@ def bench_peer_models(config_dir: str, device: torch.device, size: Sequence[int]
 
     for model in models.values():
         model.eval()
-    inference = run_interleaved({key: backbone_inference_case(model, images) for key, model in models.items()}, repeats, device)
+    inference = run_interleaved(
+        {key: backbone_inference_case(model, images, precision) for key, model in models.items()}, repeats, device, warmup)
     for model in models.values():
         model.train()
     with EventStorage(0):
         training = run_interleaved(
-            {key: training_step_case(model, inputs, torch.optim.SGD(model.parameters(), lr=0.0)) for key, model in models.items()},
-            repeats, device,
+            {key: training_step_case(model, inputs, torch.optim.SGD(model.parameters(), lr=0.0), precision)
+             for key, model in models.items()},
+            repeats, device, warmup,
         )
-    result = {"input": [batch, 3, *size], "inference": inference, "training": training, "over_plain": {}}
+    result = {"input": [batch, 3, *size], "precision": precision, "inference": inference, "training": training,
+              "over_plain": {}}
     for key, model in models.items():
         if key != "plain":
             result["over_plain"][key] = {

@@ -6,18 +6,30 @@ shared machine hits both sides alike. On CUDA the cases are timed with CUDA even
 synchronisation, and each case's peak ``torch.cuda.max_memory_allocated`` is recorded.
 The yardstick of a module is the floor: one ``X * s`` pass (one read and one write of X).
 """
+import contextlib
 import statistics
 import time
 from typing import Callable, Dict, List
 
 import torch
 
-__all__ = ["QUICK_STAGES", "STAGES", "run_interleaved", "saved_bytes_over_input"]
+__all__ = ["PRECISIONS", "QUICK_STAGES", "STAGES", "autocast", "run_interleaved", "saved_bytes_over_input"]
 
 #: (C, H, W) of X at the ACM places of ResNet-50 for an 800x1216 image.
 STAGES = {"res2": (256, 200, 304), "res3": (512, 100, 152), "res4": (1024, 50, 76), "res5": (2048, 25, 38)}
 #: Tiny shapes for a smoke test.
 QUICK_STAGES = {"tiny3": (64, 12, 19), "tiny5": (128, 7, 9)}
+#: The allowed values of a benchmark's ``precision``: the dtype of its autocast region.
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast(device.type, dtype)`` for "bfloat16" / "float16"; none for "float32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def _sync(device: torch.device) -> None:
@@ -58,7 +70,6 @@ def run_interleaved(cases: Dict[str, Callable], repeats: int, device: torch.devi
     for name, peak in peaks.items():
         out[name]["peak_mib"] = peak
     return out
-
 
 
 def saved_bytes_over_input(fn: Callable, x: torch.Tensor) -> float:
