@@ -12,6 +12,7 @@ __all__ = [
     "SafeCfgNode",
     "add_acm_config",
     "build_model_from_config_file",
+    "check_periods",
     "check_registered_names",
     "get_acm_cfg",
     "load_model_for_inference",
@@ -113,6 +114,26 @@ def check_registered_names(cfg) -> None:
             raise ValueError(f"{key} {value!r} is not registered; registered names: {sorted(name for name, _ in registry)}")
 
 
+#: The periods of a config, in iterations: (key, what 0 means, or None where 0 is refused).
+_PERIODS = (
+    ("SOLVER.CHECKPOINT_PERIOD", None),  # Detectron2's PeriodicCheckpointer: (iteration + 1) % period
+    ("TEST.EVAL_PERIOD", "evaluate only at the end of training"),
+    ("VIS_PERIOD", "draw no training visualisations"),
+)
+
+
+def check_periods(cfg) -> None:
+    """Raise ValueError, naming the setting, for a period Detectron2 cannot use:
+    SOLVER.CHECKPOINT_PERIOD <= 0 (Detectron2 divides by it), TEST.EVAL_PERIOD or VIS_PERIOD < 0
+    (0 turns them off)."""
+    for key, zero in _PERIODS:
+        section, _, name = key.rpartition(".")
+        value = getattr(cfg.get(section) if section else cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if zero is None else 0):
+            allowed = "a positive number of iterations" if zero is None else f"a number of iterations >= 0 (0: {zero})"
+            raise ValueError(f"{key} {value!r}: expected {allowed}")
+
+
 def python_tag_error(config_file: str, error) -> ValueError:
     """The error for a YAML file that has a Python tag (``error``: yaml's ConstructorError)."""
     return ValueError(
@@ -195,7 +216,7 @@ def get_acm_cfg(config_file: str = "", opts: Sequence[str] = ()):
     The YAML file (and every ``_BASE_`` it names, which may be ``acm_d2://NAME``) is read with
     ``yaml.safe_load`` only (:class:`SafeCfgNode`): a file with Python tags (``!!python/...``) is
     refused, never executed (Detectron2's own ``merge_from_file`` falls back to an unsafe loader). The registered names it uses are
-    checked (:func:`check_registered_names`).
+    checked (:func:`check_registered_names`), and its periods (:func:`check_periods`).
     """
     cfg = get_cfg()
     add_acm_config(cfg)
@@ -212,6 +233,7 @@ def get_acm_cfg(config_file: str = "", opts: Sequence[str] = ()):
         _raise_if_unknown_key(cfg, e, "the command line: ")
         raise
     check_registered_names(cfg)
+    check_periods(cfg)
     return cfg
 
 

@@ -251,3 +251,18 @@ def test_a_failed_run_of_another_config_starts_afresh(tmp_path, monkeypatch):
     assert outcome["finished"] and not outcome["failed"]
     assert not (tmp_path / "ACM" / "seed0" / "last_checkpoint").exists()  # a fresh folder, not a resume
     assert any(p.name.startswith("seed0.superseded-") for p in (tmp_path / "ACM").iterdir())
+
+
+@pytest.mark.parametrize("variants, seeds, backbones, expected", [
+    (["plain", "ACM", "plain"], 1, [None], "--variants names plain more than once"),
+    (["plain"], 0, [None], r"--seeds 0: expected the number of seeds, at least 1"),
+    (["plain"], 1, ["R_50", "R_50"], "--backbones names R_50 more than once"),
+])
+def test_an_empty_or_repeated_grid_is_refused_naming_the_option(tmp_path, variants, seeds, backbones, expected):
+    """--seeds 0 wrote an empty table with exit code 0; a repeated variant trained one folder twice
+    (tools/compare_backbones.py prints these errors as "error: ..." and exits non-zero)."""
+    from acm_d2.experiments.comparison import run_comparison
+
+    with pytest.raises(ValueError, match=expected):
+        run_comparison(WIDE, tmp_path / "grid", variants, seeds, [], backbones=backbones)
+    assert not (tmp_path / "grid").exists()

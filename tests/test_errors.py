@@ -209,6 +209,33 @@ def test_unregistered_names_list_the_registered_ones():
         acm_cfg(SYNTHETIC, "MODEL.META_ARCHITECTURE", "WithACMOrthLoss")
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD 0: expected a positive number of iterations"),
+    ("SOLVER.CHECKPOINT_PERIOD", "-5", "SOLVER.CHECKPOINT_PERIOD -5: expected a positive number of iterations"),
+    ("TEST.EVAL_PERIOD", "-1", r"TEST.EVAL_PERIOD -1: expected a number of iterations >= 0 \(0: evaluate only at the end"),
+    ("VIS_PERIOD", "-20", r"VIS_PERIOD -20: expected a number of iterations >= 0 \(0: draw no training visualisations\)"),
+])
+def test_periods_detectron2_cannot_use_are_refused_naming_the_setting(key, value, expected):
+    with pytest.raises(ValueError, match=expected):
+        acm_cfg(SYNTHETIC, key, value)
+
+
+def test_zero_eval_and_vis_periods_turn_them_off():
+    cfg = acm_cfg(SYNTHETIC, "TEST.EVAL_PERIOD", "0", "VIS_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "1")
+    assert (cfg.TEST.EVAL_PERIOD, cfg.VIS_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD) == (0, 0, 1)
+
+
+def test_train_net_refuses_a_zero_checkpoint_period_before_writing(tmp_path):
+    """Detectron2 alone dies at iteration 0 with ZeroDivisionError; nothing of OUTPUT_DIR is made."""
+    from acm_d2.train_net import argument_parser, main
+
+    out = tmp_path / "run"
+    args = argument_parser().parse_args(["--config-file", SYNTHETIC_ABS, "SOLVER.CHECKPOINT_PERIOD", "0", "OUTPUT_DIR", str(out)])
+    with pytest.raises(ValueError, match="SOLVER.CHECKPOINT_PERIOD 0: expected a positive number of iterations"):
+        main(args)
+    assert not out.exists()
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     path = _save(tmp_path / "other.pth", {"head.weight": torch.zeros(2, 2)})
     with pytest.raises(CheckpointLoadError, match="None of the .* parameters and buffers of the model was found"):

@@ -43,7 +43,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
-from ..config import check_registered_names
+from ..config import check_periods, check_registered_names
 from ..data.coco_format import check_num_classes, check_same_categories
 from ..modeling.orth_loss import LOSS_KEY
 from .checkpointer import SafeCheckpointer
@@ -260,6 +260,7 @@ class ResumableTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         check_registered_names(cfg)  # also for configs not made by acm_d2.get_acm_cfg
+        check_periods(cfg)
         check_num_classes(cfg)
         check_same_categories(cfg)  # train and test datasets: the same ids and names
         unchecked = [n for n in cfg.DATASETS.TRAIN if _thing_classes(n) is None]

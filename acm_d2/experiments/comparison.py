@@ -185,6 +185,15 @@ def run_comparison(config_file, output_dir, variants: Sequence[str], seeds: int,
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    for option, names in (("--variants", list(variants)), ("--backbones", list(backbones))):
+        repeated = sorted({str(n) for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"{option} names {', '.join(repeated)} more than once: each is one row of the table, "
+                             f"trained once per seed; name each once")
+    if not variants:
+        raise ValueError(f"--variants names no variant; choose from {list(VARIANTS)}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds {seeds!r}: expected the number of seeds, at least 1 (runs SEED 0 .. n-1)")
     cfg = get_acm_cfg(str(config_file), list(base_opts))
     runs = plan(config_file, output_dir, list(backbones), list(variants), seeds, list(base_opts), VARIANTS, cfg.MODEL.WEIGHTS)
     if dry_run:
