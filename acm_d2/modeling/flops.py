@@ -6,8 +6,7 @@ plain PyTorch ops (grouped convolutions) for channels_last ones. fvcore counts t
 convolutions and matrix products, but has no handle for the ops below, which it would skip
 with a warning: one multiply-add per element of the output (``addcmul``: Y = P * X + P * (K -
 Q)), one add per element of the input (``mean``: mu), and ``baddbmm`` as fvcore counts ``bmm``.
-The peers add ``amax`` (CBAM's max-poolings: one comparison per input element) and ``eye``
-(CC's mask of the pixel itself: no arithmetic).
+The peers add ``amax`` (CBAM's max-poolings: one comparison per input element).
 """
 from fvcore.nn.jit_handles import get_shape
 
@@ -37,18 +36,12 @@ def _input_elements_flop_jit(inputs, outputs) -> int:
     return _numel(get_shape(inputs[0]))
 
 
-def _no_flop_jit(inputs, outputs) -> int:
-    """No arithmetic (``eye``: a constant mask)."""
-    return 0
-
-
 #: fvcore op name -> handle, for ``FlopCountAnalysis.set_op_handle``.
 ACM_FLOP_HANDLES = {
     "aten::baddbmm": _baddbmm_flop_jit,
     "aten::addcmul": _output_elements_flop_jit,
     "aten::mean": _input_elements_flop_jit,
     "aten::amax": _input_elements_flop_jit,
-    "aten::eye": _no_flop_jit,
 }
 
 
