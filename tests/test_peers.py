@@ -245,8 +245,11 @@ def test_every_registered_module_scripts_and_matches_eager(name):
     assert torch.equal(got, expected), name
 
 
-@pytest.mark.parametrize("module", ["NL", "CC", "GC", "CBAM", "SE"])
+@pytest.mark.parametrize("module", REGISTERED)
 def test_flop_counts_cover_every_op_of_the_peers(module):
+    """Detectron2's FlopCountAnalysis (as tools/analyze_model.py --tasks flop runs it) with
+    acm-d2's handles finds no op of a context module it cannot count (ACM's sum of its maps'
+    exponentials was 'Unsupported operator aten::sum', once per module)."""
     from detectron2.utils.analysis import FlopCountAnalysis
 
     cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0")
@@ -260,6 +263,25 @@ def test_flop_counts_cover_every_op_of_the_peers(module):
     for name in peers:
         peer_ops |= set(analysis.unsupported_ops(name))
     assert not peer_ops
+
+
+def test_flop_handles_count_by_hand():
+    """One add per input element for sum, mean; one comparison per input element for amax:
+    ACM (C = 64, G = 32, N = 2, H x W = 6 x 7) sums and maxes its logits (N G, M + 1, H W) =
+    (64, 3, 42) once each."""
+    from fvcore.nn import FlopCountAnalysis
+
+    class Reductions(nn.Module):
+        def forward(self, x):  # (2, 3, 4, 5)
+            return x.sum(dim=-1), x.mean(dim=(2, 3)), x.amax(dim=1)
+
+    counts = add_acm_flop_handles(FlopCountAnalysis(Reductions(), (torch.randn(2, 3, 4, 5),))).by_operator()
+    assert dict(counts) == {"sum": 120, "mean": 120, "amax": 120}
+    analysis = add_acm_flop_handles(FlopCountAnalysis(CONTEXT_MODULE_REGISTRY.get("ACM")(64).eval(),
+                                                      (torch.randn(2, 64, 6, 7),)))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert analysis.by_operator()["sum"] == analysis.by_operator()["amax"] == 64 * 3 * 42
+    assert "aten::sum" not in analysis.unsupported_ops()
 
 
 def test_a_module_of_your_own_is_placed_by_config():
