@@ -159,6 +159,39 @@ def test_bad_peer_settings_name_the_key_and_the_allowed_values(opts, message):
         build_backbone(acm_cfg(TINY, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0", *opts))
 
 
+@pytest.mark.parametrize(
+    "module, opts, key, owners",
+    [
+        ("SE", ["MODEL.ACM.INIT", "identity"], "INIT 'identity'", "['ACM']"),
+        ("CBAM", ["MODEL.ACM.INIT", "identity"], "INIT 'identity'", "['ACM']"),
+        ("CBAM", ["MODEL.ACM.VARIANT", "PX"], "VARIANT 'PX'", "['ACM']"),
+        ("none", ["MODEL.ACM.INIT", "identity"], "INIT 'identity'", "['ACM']"),
+        ("ACM", ["MODEL.ACM.SE_REDUCTION", "4"], "SE_REDUCTION 4", "['SE']"),
+        ("NL", ["MODEL.ACM.CC_RECURRENCE", "1"], "CC_RECURRENCE 1", "['CC']"),
+    ],
+)
+def test_a_setting_the_module_does_not_have_is_refused(module, opts, key, owners):
+    """A non-default value of a MODEL.ACM key that the chosen module does not read would be
+    ignored: refused, naming the key, the module and the registered modules that read it."""
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0", *opts)
+    shown = "MODEL.ACM.MODULE 'none' (no context module)" if module == "none" else f"MODEL.ACM.MODULE {module!r}"
+    with pytest.raises(ValueError, match=re.escape(
+            f"MODEL.ACM.{key} is a setting of the modules {owners}, which {shown} does not have: it would be "
+            f"ignored. Leave MODEL.ACM.{key.split()[0]} at its default")):
+        build_backbone(cfg)
+
+
+@pytest.mark.parametrize("module", ["SE", "CBAM", "none"])
+def test_default_settings_of_other_modules_are_accepted(module):
+    """INIT, VARIANT at their defaults (given explicitly) and the ACM configs' GROUPS (16 in the
+    synthetic R-18, sized to its backbone: ACM.IGNORABLE_KEYS) build any module."""
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0",
+                  "MODEL.ACM.INIT", "authors", "MODEL.ACM.VARIANT", "P(X+(K-Q))")
+    assert cfg.MODEL.ACM.GROUPS == 16
+    found = context_modules(build_backbone(cfg))
+    assert len(found) == (0 if module == "none" else 8)
+
+
 def test_after_blocks_setting_places_units_anywhere():
     cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", "CC", "MODEL.ACM.AFTER_BLOCKS", "['res3', 'res5.-1']", "MODEL.ACM.CC_RECURRENCE", "3")
     found = context_modules(build_backbone(cfg))
