@@ -221,6 +221,25 @@ def test_checkpoints_of_earlier_versions_load_into_the_context_child():
             assert torch.equal(value, model.state_dict()[key] + 1), key
 
 
+@pytest.mark.parametrize("source, target", [("SE", "ACM"), ("ACM", "SE"), ("NL", "CBAM"), ("CC", "none")])
+def test_a_checkpoint_of_another_context_module_is_refused(source, target, tmp_path):
+    """Its context keys (SE's ``...context.fc1.weight`` in an ACM model) would be dropped and the
+    model's context modules keep their random initialisation: refused, naming both modules."""
+    from acm_d2.engine import CheckpointLoadError, SafeCheckpointer
+
+    def model(module):
+        return build_backbone(acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"))
+
+    path = tmp_path / f"{source}.pth"
+    torch.save({"model": model(source).state_dict()}, path)
+    SafeCheckpointer(model(source)).load(str(path))  # its own module: loads
+    shown = "MODEL.ACM.MODULE 'none' (no context module)" if target == "none" else f"MODEL.ACM.MODULE {target!r}"
+    with pytest.raises(CheckpointLoadError, match=re.escape(
+            f"are the parameters of {source} modules, which this model ({shown}) does not have")) as info:
+        SafeCheckpointer(model(target)).load(str(path))
+    assert f"Build the model with MODEL.ACM.MODULE {source!r}" in str(info.value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_peers_under_autocast_keep_softmax_in_float32_and_stay_finite(dtype):
     torch.manual_seed(0)
