@@ -159,6 +159,39 @@ def test_bad_peer_settings_name_the_key_and_the_allowed_values(opts, message):
         build_backbone(acm_cfg(TINY, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0", *opts))
 
 
+@pytest.mark.parametrize(
+    "module, opts, key, owners",
+    [
+        ("SE", ["MODEL.ACM.INIT", "identity"], "INIT 'identity'", "['ACM']"),
+        ("CBAM", ["MODEL.ACM.INIT", "identity"], "INIT 'identity'", "['ACM']"),
+        ("CBAM", ["MODEL.ACM.VARIANT", "PX"], "VARIANT 'PX'", "['ACM']"),
+        ("none", ["MODEL.ACM.INIT", "identity"], "INIT 'identity'", "['ACM']"),
+        ("ACM", ["MODEL.ACM.SE_REDUCTION", "4"], "SE_REDUCTION 4", "['SE']"),
+        ("NL", ["MODEL.ACM.CC_RECURRENCE", "1"], "CC_RECURRENCE 1", "['CC']"),
+    ],
+)
+def test_a_setting_the_module_does_not_have_is_refused(module, opts, key, owners):
+    """A non-default value of a MODEL.ACM key that the chosen module does not read would be
+    ignored: refused, naming the key, the module and the registered modules that read it."""
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0", *opts)
+    shown = "MODEL.ACM.MODULE 'none' (no context module)" if module == "none" else f"MODEL.ACM.MODULE {module!r}"
+    with pytest.raises(ValueError, match=re.escape(
+            f"MODEL.ACM.{key} is a setting of the modules {owners}, which {shown} does not have: it would be "
+            f"ignored. Leave MODEL.ACM.{key.split()[0]} at its default")):
+        build_backbone(cfg)
+
+
+@pytest.mark.parametrize("module", ["SE", "CBAM", "none"])
+def test_default_settings_of_other_modules_are_accepted(module):
+    """INIT, VARIANT at their defaults (given explicitly) and the ACM configs' GROUPS (16 in the
+    synthetic R-18, sized to its backbone: ACM.IGNORABLE_KEYS) build any module."""
+    cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0",
+                  "MODEL.ACM.INIT", "authors", "MODEL.ACM.VARIANT", "P(X+(K-Q))")
+    assert cfg.MODEL.ACM.GROUPS == 16
+    found = context_modules(build_backbone(cfg))
+    assert len(found) == (0 if module == "none" else 8)
+
+
 def test_after_blocks_setting_places_units_anywhere():
     cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", "CC", "MODEL.ACM.AFTER_BLOCKS", "['res3', 'res5.-1']", "MODEL.ACM.CC_RECURRENCE", "3")
     found = context_modules(build_backbone(cfg))
@@ -186,6 +219,25 @@ def test_checkpoints_of_earlier_versions_load_into_the_context_child():
         fresh.load_state_dict(state, strict=True)
         for key, value in fresh.state_dict().items():
             assert torch.equal(value, model.state_dict()[key] + 1), key
+
+
+@pytest.mark.parametrize("source, target", [("SE", "ACM"), ("ACM", "SE"), ("NL", "CBAM"), ("CC", "none")])
+def test_a_checkpoint_of_another_context_module_is_refused(source, target, tmp_path):
+    """Its context keys (SE's ``...context.fc1.weight`` in an ACM model) would be dropped and the
+    model's context modules keep their random initialisation: refused, naming both modules."""
+    from acm_d2.engine import CheckpointLoadError, SafeCheckpointer
+
+    def model(module):
+        return build_backbone(acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0"))
+
+    path = tmp_path / f"{source}.pth"
+    torch.save({"model": model(source).state_dict()}, path)
+    SafeCheckpointer(model(source)).load(str(path))  # its own module: loads
+    shown = "MODEL.ACM.MODULE 'none' (no context module)" if target == "none" else f"MODEL.ACM.MODULE {target!r}"
+    with pytest.raises(CheckpointLoadError, match=re.escape(
+            f"are the parameters of {source} modules, which this model ({shown}) does not have")) as info:
+        SafeCheckpointer(model(target)).load(str(path))
+    assert f"Build the model with MODEL.ACM.MODULE {source!r}" in str(info.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -245,8 +297,11 @@ def test_every_registered_module_scripts_and_matches_eager(name):
     assert torch.equal(got, expected), name
 
 
-@pytest.mark.parametrize("module", ["NL", "CC", "GC", "CBAM", "SE"])
+@pytest.mark.parametrize("module", REGISTERED)
 def test_flop_counts_cover_every_op_of_the_peers(module):
+    """Detectron2's FlopCountAnalysis (as tools/analyze_model.py --tasks flop runs it) with
+    acm-d2's handles finds no op of a context module it cannot count (ACM's sum of its maps'
+    exponentials was 'Unsupported operator aten::sum', once per module)."""
     from detectron2.utils.analysis import FlopCountAnalysis
 
     cfg = acm_cfg(TINY, "MODEL.ACM.MODULE", module, "MODEL.ACM.ORTH_LOSS_WEIGHT", "0.0")
@@ -260,6 +315,25 @@ def test_flop_counts_cover_every_op_of_the_peers(module):
     for name in peers:
         peer_ops |= set(analysis.unsupported_ops(name))
     assert not peer_ops
+
+
+def test_flop_handles_count_by_hand():
+    """One add per input element for sum, mean; one comparison per input element for amax:
+    ACM (C = 64, G = 32, N = 2, H x W = 6 x 7) sums and maxes its logits (N G, M + 1, H W) =
+    (64, 3, 42) once each."""
+    from fvcore.nn import FlopCountAnalysis
+
+    class Reductions(nn.Module):
+        def forward(self, x):  # (2, 3, 4, 5)
+            return x.sum(dim=-1), x.mean(dim=(2, 3)), x.amax(dim=1)
+
+    counts = add_acm_flop_handles(FlopCountAnalysis(Reductions(), (torch.randn(2, 3, 4, 5),))).by_operator()
+    assert dict(counts) == {"sum": 120, "mean": 120, "amax": 120}
+    analysis = add_acm_flop_handles(FlopCountAnalysis(CONTEXT_MODULE_REGISTRY.get("ACM")(64).eval(),
+                                                      (torch.randn(2, 64, 6, 7),)))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    assert analysis.by_operator()["sum"] == analysis.by_operator()["amax"] == 64 * 3 * 42
+    assert "aten::sum" not in analysis.unsupported_ops()
 
 
 def test_a_module_of_your_own_is_placed_by_config():

@@ -21,6 +21,10 @@
   Detectron2's behaviour. ACM parameters that are *missing* (loading ImageNet weights into
   an ACM model) are reported as missing, as Detectron2 does. (Checkpoints in the layout of
   the ACM authors' fork are converted by the model itself while it loads.)
+* A checkpoint whose context-module keys belong to another module (SE's
+  ``...context.fc1.weight`` loaded into an ACM model, any into a model with MODEL.ACM.MODULE
+  "none") raises :class:`acm_d2.checkpoint.CheckpointLoadError` naming the module they came
+  from: they would be dropped, and the model's context modules keep their initialisation.
 * A checkpoint none of whose keys fit the model is refused; with ``require_complete=True``
   (``tools/train_net.py --eval-only``) so is one that leaves any parameter or buffer of the
   model at its random initialisation (e.g. ImageNet weights, a head of another size).
@@ -33,15 +37,17 @@
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import CNNBlockBase
 
 from ..checkpoint import CheckpointLoadError, load_model_zoo_pickle, safe_torch_load
-from ..modeling import ACM, SqueezeExcitation
+from ..modeling import ACM, CONTEXT_MODULE_REGISTRY, SqueezeExcitation, context_modules
 
 __all__ = ["SafeCheckpointer", "ACMShapeMismatchError", "CheckpointLoadError", "CheckpointSaveError", "atomic_write"]
 
@@ -302,6 +308,7 @@ class SafeCheckpointer(DetectionCheckpointer):
             )
             self.logger.error(message)
             raise CheckpointLoadError(message)
+        self._check_context_keys(incompatible.unexpected_keys)
         context_prefixes = tuple(
             f"{name}." for name, module in self.model.named_modules() if isinstance(module, (ACM, SqueezeExcitation))
         )
@@ -332,6 +339,50 @@ class SafeCheckpointer(DetectionCheckpointer):
             self.logger.error(message)
             raise CheckpointLoadError(message)
         return incompatible
+
+    def _check_context_keys(self, unexpected_keys: List[str]) -> None:
+        """Refuse checkpoint keys that the model does not have under the ``context`` or
+        ``context_after`` slot of one of its ResNet blocks (also those of a model without context
+        modules), naming the registered module whose
+        parameters they are (the one sharing most of their names)."""
+        blocks = {n for n, m in self.model.named_modules() if isinstance(m, CNNBlockBase)}
+        found = [m for m in map(_CONTEXT_KEY.match, unexpected_keys) if m and m.group(1) in blocks]
+        if not found:
+            return
+        names = sorted({m.group(3) for m in found})  # e.g. "fc1.weight"
+        owner = max(_context_module_keys().items(), key=lambda item: len(item[1].intersection(names)))[0]
+        ours = sorted({getattr(type(m), "NAME", type(m).__name__) for m in context_modules(self.model, qualified=True).values()})
+        shown = f"MODEL.ACM.MODULE {ours[0]!r}" if len(ours) == 1 else f"context modules {ours}"
+        if not ours:
+            shown = "MODEL.ACM.MODULE 'none' (no context module)"
+        if owner in ours:
+            cause = f"were trained with other MODEL.ACM settings of {owner} than this model's"
+        else:
+            cause = f"are the parameters of {owner} modules, which this model ({shown}) does not have"
+        message = (
+            f"{len(found)} context-module entries of the checkpoint (e.g. {[m.group(0) for m in found[:3]]}) {cause}: "
+            f"they would be dropped, and the model's context modules (if any) keep their initialisation. Build the model "
+            f"with MODEL.ACM.MODULE {owner!r} and the MODEL.ACM settings the checkpoint was trained with, or remove "
+            f"the keys with '.context.' / '.context_after.' from the checkpoint to start its context modules afresh."
+        )
+        self.logger.error(message)
+        raise CheckpointLoadError(message)
+
+
+#: "<block>.<slot>.<key of the module>", slot "context" (residual branch) or "context_after".
+_CONTEXT_KEY = re.compile(r"^(.*)\.(context|context_after)\.(.+)$")
+
+
+def _context_module_keys():
+    """Registered name -> the state_dict keys of that module built with its defaults for 64
+    channels (modules that cannot be built so are left out)."""
+    keys = {}
+    for name, cls in sorted(CONTEXT_MODULE_REGISTRY):
+        try:
+            keys[name] = set(cls(64).state_dict())
+        except (TypeError, ValueError):
+            continue
+    return keys
 
 
 def _disk_full_errno(error: BaseException) -> Optional[int]:

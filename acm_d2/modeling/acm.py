@@ -93,6 +93,9 @@ class ACM(nn.Module):
     NAME = "ACM"
     PLACEMENT = "residual"  # after the block's last conv + norm, before the shortcut add
     CONFIG_KEYS = {"groups": "GROUPS", "variant": "VARIANT", "init": "INIT"}
+    # Configs of ACM size GROUPS to their backbone (16 for the synthetic R-18): other modules
+    # built from them ignore it (INIT and VARIANT they refuse, see check_unread_settings).
+    IGNORABLE_KEYS = ("GROUPS",)
 
     def __init__(self, channels: int, groups: int = 32, variant: str = "P(X+(K-Q))", init: str = "authors"):
         super().__init__()

@@ -12,7 +12,7 @@ from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from .meta_arch import ACMOrthLossMixin
 from .orth_loss import check_orth_loss_weight
-from .context import context_module_class, context_module_options
+from .context import check_unread_settings, context_module_class, context_module_options
 from .resnet import ContextResNet
 
 __all__ = [
@@ -31,6 +31,7 @@ def check_acm_config(cfg) -> None:
     acm = cfg.MODEL.ACM
     if acm.MODULE != "none":
         context_module_class(acm.MODULE)  # refuses an unknown name, listing the allowed ones
+    check_unread_settings(acm)  # e.g. INIT "identity" with SE, which has no init setting
     weight = check_orth_loss_weight(acm.ORTH_LOSS_WEIGHT)
     depth = cfg.MODEL.RESNETS.DEPTH
     if depth not in _RESNET_DEPTHS:

@@ -16,7 +16,10 @@ module is an ``nn.Module`` class with
 
 * ``CONFIG_KEYS``: constructor keyword -> key of ``MODEL.ACM`` that sets it (e.g. SE:
   ``{"reduction": "SE_REDUCTION"}``); the YAML builders read them with
-  :func:`context_module_options`.
+  :func:`context_module_options`. A key that the chosen module does not read, at a value
+  other than its owner's constructor default, is refused (:func:`check_unread_settings`);
+* optionally ``IGNORABLE_KEYS``: those of its keys that other modules may ignore at any value
+  (ACM: ``("GROUPS",)``, which configs of ACM size to their backbone, e.g. 16 for R-18).
 
 A module of your own, placed by config without editing acm-d2::
 
@@ -38,6 +41,7 @@ and ``MODEL.ACM.MODULE: "ChannelScale"``. The registered name is the class attri
 when there is one (the built-in modules: "ACM", "SE", "NL", "CC", "GC", "CBAM"), else the
 class name.
 """
+import inspect
 from typing import Any, Dict, List, Optional
 
 from detectron2.utils.registry import Registry
@@ -47,6 +51,7 @@ __all__ = [
     "CONTEXT_MODULE_REGISTRY",
     "PLACEMENTS",
     "build_context_module",
+    "check_unread_settings",
     "context_module_class",
     "context_module_names",
     "context_module_options",
@@ -110,6 +115,35 @@ def context_module_options(acm_config) -> Dict[str, Any]:
             f"add it before merging the config (cfg.MODEL.ACM.{missing[0]} = default)"
         )
     return {keyword: acm_config[key] for keyword, key in cls.CONFIG_KEYS.items()}
+
+
+def check_unread_settings(acm_config) -> None:
+    """Raise ValueError if a key of ``acm_config`` (the MODEL.ACM node of a config) that some
+    registered module reads (its ``CONFIG_KEYS``) but the module of ``acm_config.MODULE`` does
+    not is set to a value other than its owner's constructor default: it would be ignored
+    (e.g. INIT "identity" with SE). Keys in an owner's ``IGNORABLE_KEYS`` are not checked."""
+    module = acm_config.MODULE
+    read = set() if module == "none" else set(context_module_class(module).CONFIG_KEYS.values())
+    owners: Dict[str, List[str]] = {}
+    defaults: Dict[str, List[Any]] = {}
+    ignorable = set()
+    for name, cls in sorted(CONTEXT_MODULE_REGISTRY):
+        parameters = inspect.signature(cls).parameters
+        for keyword, key in cls.CONFIG_KEYS.items():
+            owners.setdefault(key, []).append(name)
+            default = parameters[keyword].default if keyword in parameters else inspect.Parameter.empty
+            if key in getattr(cls, "IGNORABLE_KEYS", ()) or default is inspect.Parameter.empty:
+                ignorable.add(key)  # no default to compare with
+            defaults.setdefault(key, []).append(default)
+    for key, names in owners.items():
+        if key in read or key in ignorable or key not in acm_config or acm_config[key] in defaults[key]:
+            continue
+        shown = "MODEL.ACM.MODULE 'none' (no context module)" if module == "none" else f"MODEL.ACM.MODULE {module!r}"
+        raise ValueError(
+            f"MODEL.ACM.{key} {acm_config[key]!r} is a setting of the modules {names}, which {shown} does not have: "
+            f"it would be ignored. Leave MODEL.ACM.{key} at its default {defaults[key][0]!r}, or choose one of "
+            f"{names} in MODEL.ACM.MODULE"
+        )
 
 
 def build_context_module(

@@ -79,7 +79,8 @@ class CrissCrossAttention(nn.Module):
         query, key = query.to(wide), key.to(wide)
         h = query.shape[2]
         column = torch.einsum("ncij,nckj->nijk", query, key)  # (N, H, W, H): pixel (i, j) and (k, j)
-        itself = torch.eye(h, dtype=torch.bool, device=query.device).view(h, 1, h)  # k == i
+        index = torch.arange(h, device=query.device)
+        itself = index.view(h, 1, 1) == index.view(1, 1, h)  # (H, 1, H): k == i (no eye: ONNX Runtime lacks EyeLike)
         column = column.masked_fill(itself, float("-inf"))
         row = torch.einsum("ncij,ncik->nijk", query, key)  # (N, H, W, W): pixel (i, j) and (i, k)
         return torch.softmax(torch.cat([column, row], dim=-1), dim=-1)

@@ -5,9 +5,10 @@ inputs (batched matrix products for the logits and the pooling, see acm_function
 plain PyTorch ops (grouped convolutions) for channels_last ones. fvcore counts the
 convolutions and matrix products, but has no handle for the ops below, which it would skip
 with a warning: one multiply-add per element of the output (``addcmul``: Y = P * X + P * (K -
-Q)), one add per element of the input (``mean``: mu), and ``baddbmm`` as fvcore counts ``bmm``.
-The peers add ``amax`` (CBAM's max-poolings: one comparison per input element) and ``eye``
-(CC's mask of the pixel itself: no arithmetic).
+Q)), one add per element of the input (``mean``: mu; ``sum``: the sums of the maps'
+exponentials), one comparison per element of the input (``amax``: the logits' maxima, CBAM's
+max-poolings), and ``baddbmm`` as fvcore counts ``bmm``. Elementwise ops (add, mul, sigmoid,
+softmax, ...) stay uncounted, as Detectron2's FlopCountAnalysis leaves them for every model.
 """
 from fvcore.nn.jit_handles import get_shape
 
@@ -33,13 +34,8 @@ def _output_elements_flop_jit(inputs, outputs) -> int:
 
 
 def _input_elements_flop_jit(inputs, outputs) -> int:
-    """One add per element of the input (``mean``)."""
+    """One add (``mean``, ``sum``) or comparison (``amax``) per element of the input."""
     return _numel(get_shape(inputs[0]))
-
-
-def _no_flop_jit(inputs, outputs) -> int:
-    """No arithmetic (``eye``: a constant mask)."""
-    return 0
 
 
 #: fvcore op name -> handle, for ``FlopCountAnalysis.set_op_handle``.
@@ -47,8 +43,8 @@ ACM_FLOP_HANDLES = {
     "aten::baddbmm": _baddbmm_flop_jit,
     "aten::addcmul": _output_elements_flop_jit,
     "aten::mean": _input_elements_flop_jit,
+    "aten::sum": _input_elements_flop_jit,
     "aten::amax": _input_elements_flop_jit,
-    "aten::eye": _no_flop_jit,
 }
 
 
