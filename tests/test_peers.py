@@ -466,3 +466,22 @@ def test_position_pictures_of_a_peer_model(module, tmp_path):
     picture = cv2.imread(str(tmp_path / "out" / "street_res4.0.context_after_attention.png"))
     assert picture.shape == (48, 72, 3)
     assert np.load(tmp_path / "out" / "street_res4.0.context_after_map.npy").shape == (4, 6)
+
+
+#: The largest error under autocast over the float32 values' largest magnitude, of Y and of
+#: dL/dX, for every module at the test's shapes (docs/peers.md, "Autocast", gives the figures).
+AUTOCAST_TOLERANCE = {"bfloat16": (1e-2, 3e-2), "float16": (2e-3, 2e-2)}
+
+
+@pytest.mark.parametrize("precision", sorted(AUTOCAST_TOLERANCE))
+def test_every_module_under_autocast_stays_near_float32(precision):
+    """X ~ N(0, 8^2) in ``precision`` (as the convolution before a module leaves it under AMP),
+    the module under CPU autocast against itself in float32 on the same X and upstream gradient."""
+    from acm_d2.benchmarks.peers import precision_errors
+
+    rows = precision_errors({"wide": (64, 24, 32), "deep": (256, 12, 16)}, 2, torch.device("cpu"), precision)
+    assert {r["module"] for r in rows} == set(REGISTERED)  # a registered module is measured (PEER_PLACES)
+    bound_y, bound_grad = AUTOCAST_TOLERANCE[precision]
+    for r in rows:
+        assert r["finite"], r
+        assert 0 < r["output_error"] <= bound_y and 0 < r["grad_error"] <= bound_grad, r

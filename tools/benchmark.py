@@ -4,6 +4,8 @@
     python tools/benchmark.py --threads 2 --json bench.json   # everything (docs/benchmark.md)
     python tools/benchmark.py --device cuda --json bench.json # on a GPU
     python tools/benchmark.py --quick                         # a smoke test, tiny shapes
+    python tools/benchmark.py --autocast-errors --no-module --no-model --no-compile --no-peers \
+        --stages res3,res4,res5                               # every module under autocast vs float32
 
 Every figure is a ratio of cases timed interleaved in this run (minima over the repeats).
 """
@@ -39,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile benchmark")
     parser.add_argument("--no-peers", action="store_true", help="skip SE, GC, CBAM, NL, CC next to ACM")
     parser.add_argument("--peer-batch", type=int, default=2, help="batch of the peer module shapes")
+    parser.add_argument("--autocast-errors", action="store_true",
+                        help="every module under bfloat16 / float16 autocast against float32 at the --stages shapes")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat, modules only")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -110,6 +114,15 @@ def print_peers(modules, scaling, models):
             print(f"| {name} | {r['inference']:.4f} | {r['training']:.4f} | {r['parameters'] / 1e6:.2f} M |")
 
 
+def print_autocast_errors(rows):
+    print("\n== Every module under autocast against float32, the same X ~ N(0, 8^2) and upstream gradient ==")
+    print("largest error over the largest float32 magnitude, of Y and of dL/dX")
+    print("| precision | stage | module | finite | Y | dL/dX |\n|---|---|---|---|---|---|")
+    for e in rows:
+        print(f"| {e['precision']} | {e['stage']} | {e['module']} | {'yes' if e['finite'] else 'NO'} | "
+              f"{e['output_error']:.1e} | {e['grad_error']:.1e} |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -143,6 +156,11 @@ def main(argv=None):
             results["peer_models"] = peers.bench_peer_models(
                 CONFIGS, device, args.model_size, args.model_batch, args.model_repeats)
         print_peers(results["peers"], results["peer_memory"], results.get("peer_models"))
+    if args.autocast_errors:
+        stages = QUICK_STAGES if args.quick else {s: STAGES[s] for s in args.stages.split(",")}
+        results["autocast_errors"] = [row for precision in ("bfloat16", "float16")
+                                      for row in peers.precision_errors(stages, args.peer_batch, device, precision)]
+        print_autocast_errors(results["autocast_errors"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -140,14 +140,17 @@ def attention_memory_scaling(device: torch.device, sides: Sequence[int] = (400, 
 
 def precision_errors(stages: Dict[str, Sequence[int]], batch: int, device: torch.device, precision: str,
                      magnitude: float = 8.0) -> List[dict]:
-    """Each module of each stage (:func:`_modules_at`) on X ~ N(0, magnitude^2) in float32 and
-    under ``precision``'s autocast (X cast to it): whether Y and dL/dX (L = sum(Y * U), U ~
-    N(0, 1)) are finite, and their largest error over the float32 values' largest magnitude."""
+    """Each module of each stage (:func:`_modules_at`) under ``precision``'s autocast, X in that
+    dtype, against the module in float32 on the same X and upstream gradient U (both drawn in
+    float32, X ~ N(0, magnitude^2), U ~ N(0, 1), and rounded to ``precision``, so that only the
+    module's own arithmetic differs): whether Y and dL/dX (L = sum(Y * U)) are finite, and
+    their largest error over the float32 values' largest magnitude."""
+    dtype = PRECISIONS[precision]
     rows = []
     for stage, (c, h, w) in stages.items():
         torch.manual_seed(2)
-        x = torch.randn(batch, c, h, w, device=device) * magnitude
-        upstream = torch.randn_like(x)
+        x = (torch.randn(batch, c, h, w, device=device) * magnitude).to(dtype).float()
+        upstream = torch.randn_like(x).to(dtype).float()
         for name, module in _modules_at(stage, c, device).items():
             results = {}
             for p in ("float32", precision):
