@@ -4,6 +4,7 @@ import copy
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import uuid
@@ -314,6 +315,30 @@ def test_exif_rotation_is_applied_as_detectron2_does(tmp_path, dataset):
 
     d = [d for d in DatasetCatalog.get(name) if d["image_id"] == 2][0]
     detection_utils.check_image_size(d, detection_utils.read_image(d["file_name"], "BGR"))  # what training checks
+
+
+def test_exif_orientations_are_named_before_training(tmp_path, dataset, caplog):
+    """A 180-degree JPEG (orientation 3) keeps its size, so the size check cannot see that
+    Detectron2 turns it: a WARNING names it and what Detectron2 does (from the cache too)."""
+    _, images, data = dataset
+    (images / "upside_down.jpg").write_bytes(_jpeg_bytes(12, 8, orientation=3))
+    (images / "side.jpg").write_bytes(_jpeg_bytes(12, 8, orientation=6))  # the JSON gives the turned size
+    (images / "plain.jpg").write_bytes(_jpeg_bytes(12, 8))
+    data["images"] += [{"id": 2, "file_name": "upside_down.jpg", "width": 12, "height": 8},
+                       {"id": 3, "file_name": "side.jpg", "width": 8, "height": 12},
+                       {"id": 4, "file_name": "plain.jpg", "width": 12, "height": 8}]
+    path = _write(tmp_path / "exif.json", data)
+    for _ in range(2):  # decoded, then from the image-check cache
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="acm_d2.data.coco_format"):
+            register_coco_format_dataset(_name(), path, images)
+        warnings = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
+        assert len(warnings) == 1
+        assert warnings[0].startswith(f"2 of the images under {images} carry an EXIF orientation")
+        assert "EXIF orientation 3: 1 image(s), which Detectron2 rotates it by 180 degrees: 'upside_down.jpg' (image id 2)" in warnings[0]
+        assert "EXIF orientation 6: 1 image(s), which Detectron2 rotates it by 90 degrees: 'side.jpg' (image id 3)" in warnings[0]
+        assert "plain.jpg" not in warnings[0] and "a.png" not in warnings[0]
+        assert "ImageOps.exif_transpose" in warnings[0]
 
 
 def test_check_images_off_skips_reading(tmp_path, dataset):

@@ -461,6 +461,7 @@ def _check_image_files(image_root: Path, images: Dict[int, dict], problems: _Pro
             "missing image file", "images",
             f"{len(absent)} of {len(images)} image files are missing under {image_root}: {_quote(absent)}",
         )
+    rotated = {}
     for image_id, result in results.items():
         where = f"image id {image_id} ({named[image_id]})"
         if result == MISSING:
@@ -476,6 +477,34 @@ def _check_image_files(image_root: Path, images: Dict[int, dict], problems: _Pro
                 f"width {images[image_id]['width']}, height {images[image_id]['height']}; fix the JSON (Detectron2 "
                 f"would stop when it first draws this image)",
             )
+        elif result[2] != 1:
+            rotated[image_id] = result[2]
+    if rotated:
+        _warn_rotated(image_root, named, rotated)
+
+
+#: What Detectron2's read_image does to an image of each EXIF orientation before the model sees it.
+_EXIF_TRANSFORMS = {2: "mirrors it left-right", 3: "rotates it by 180 degrees", 4: "mirrors it top-bottom",
+                    5: "transposes it", 6: "rotates it by 90 degrees", 7: "transverses it", 8: "rotates it by 270 degrees"}
+
+
+def _warn_rotated(image_root: Path, named: Dict[int, str], rotated: Dict[int, int]) -> None:
+    """A WARNING naming the images Detectron2 will turn by their EXIF orientation: their size
+    fits the JSON either way (or fits it after the turn), so whether the boxes and masks were
+    drawn on the stored or on the turned pixels cannot be told from the files."""
+    by_orientation: Dict[int, List[str]] = {}
+    for image_id, orientation in sorted(rotated.items()):
+        by_orientation.setdefault(orientation, []).append(f"{named[image_id]!r} (image id {image_id})")
+    lines = [f"EXIF orientation {o}: {len(names)} image(s), which Detectron2 {_EXIF_TRANSFORMS[o]}: "
+             + ", ".join(names[:_SHOW]) + (f", ... ({len(names)} in all)" if len(names) > _SHOW else "")
+             for o, names in sorted(by_orientation.items())]
+    logger.warning(
+        "%d of the images under %s carry an EXIF orientation, which Detectron2's read_image applies before the model "
+        "sees them:\n  %s\nThe annotations must be drawn on the turned images (as a photo viewer shows them); if they "
+        "were drawn on the stored pixels, the boxes and masks are misplaced. Then remove the EXIF orientation "
+        "(e.g. PIL: ImageOps.exif_transpose, or save the pixels without EXIF) or turn the annotations.",
+        len(rotated), image_root, "\n  ".join(lines),
+    )
 
 
 def validate_coco_instances(

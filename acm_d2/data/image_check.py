@@ -14,8 +14,8 @@ For every ``file_name`` it checks, and else returns the reason as a string:
   exports) with values outside 0..255 would be clipped to white, and float images (mode ``F``,
   float TIFFs) truncated, so both are refused with the conversion rule to apply (scale 16-bit
   values by 255 / 65535, or window them, and save 8-bit images);
-* its size after the EXIF rotation Detectron2 applies (returned, compared with the JSON by
-  the caller).
+* its size after the EXIF rotation Detectron2 applies, and that EXIF orientation (returned:
+  the caller compares the size with the JSON and warns about rotated images).
 
 Results are cached per image folder in ``$ACM_D2_CHECK_CACHE`` (default
 ``<checkout>/.cache/image_checks``), keyed by the file's resolved path, size, mtime and inode:
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 #: The result for a file that does not exist.
 MISSING = "missing"
 #: Bump when the checks change: cached results of older checks are not used.
-CHECK_VERSION = 1
+CHECK_VERSION = 2
 # EXIF orientations that swap width and height (Detectron2's read_image applies them).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 # PIL modes whose convert("RGB") clips or truncates values outside 0..255.
@@ -54,7 +54,8 @@ _CONVERT_HINT = (
     "that matter scaled to 0..255) and save them as 8-bit PNG or JPEG"
 )
 
-Result = Union[Tuple[int, int], str]
+#: (width, height, EXIF orientation 1..8, 1 without one) or what is wrong with the file.
+Result = Union[Tuple[int, int, int], str]
 
 
 def default_check_cache_dir() -> Path:
@@ -111,8 +112,9 @@ def _clipped_pixels(img: Image.Image) -> Optional[str]:
 
 
 def inspect_image(path: Union[str, os.PathLike]) -> Result:
-    """(width, height) of the image at ``path`` as Detectron2's ``read_image`` returns it
-    (after the EXIF rotation), or a string saying why the model would not see the image
+    """(width, height, orientation) of the image at ``path``: its size as Detectron2's
+    ``read_image`` returns it (after the EXIF rotation) and the EXIF orientation that rotation
+    applied (1, none, without one), or a string saying why the model would not see the image
     faithfully (:data:`MISSING` if there is no file). Decodes the whole image."""
     path = os.fspath(path)
     try:
@@ -147,7 +149,7 @@ def inspect_image(path: Union[str, os.PathLike]) -> Result:
         return clipped
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
-    return width, height
+    return width, height, orientation if orientation in range(2, 9) else 1
 
 
 def _inside(real: str, root_real: str) -> bool:
@@ -223,7 +225,7 @@ def check_image_files(
 ) -> Dict[int, Result]:
     """Check the image files ``file_names`` (image id -> ``file_name``) under ``image_root``.
 
-    Returns, by image id, (width, height) after the EXIF rotation or a string saying what is
+    Returns, by image id, (width, height, orientation) after the EXIF rotation or a string saying what is
     wrong (:data:`MISSING`, outside the folder, not a regular file, not whole, clipped by the
     reader); see the module docstring. Uses the cache in ``cache_dir`` (default
     :func:`default_check_cache_dir`); without a writable cache folder every image is decoded.
