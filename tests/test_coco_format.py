@@ -528,6 +528,22 @@ def test_every_image_is_decoded_once_then_cached(tmp_path, dataset, monkeypatch)
     assert [os.path.basename(p) for p in decoded[6:]] == ["3.png"]
 
 
+def test_a_small_image_data_set_in_normalised_coordinates_is_refused(tmp_path, dataset):
+    """64 px images are below the per-image threshold (100 px): the whole data set decides."""
+    _, images, data = dataset
+    data["images"] = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 48} for i in (1, 2)]
+    for i in (1, 2):
+        _png(images / f"{i}.png", width=64, height=48)
+    data["annotations"] = [
+        {"id": i, "image_id": i, "category_id": 1, "bbox": [0.1, 0.2, 0.3, 0.4], "area": 0.12, "iscrowd": 0,
+         "segmentation": [[0.1, 0.2, 0.4, 0.2, 0.4, 0.6, 0.1, 0.6]]} for i in (1, 2)]
+    message = _problems(tmp_path, images, data)
+    assert ("annotations: every bbox and polygon coordinate of the data set (2 annotated images of 64 to 64 px) is "
+            "within 0..1") in message and "multiply x and widths by the image width" in message
+    data["annotations"][1].update(bbox=[10, 10, 20, 20], area=400, segmentation=[[10, 10, 30, 10, 30, 30, 10, 30]])
+    validate_coco_instances(_write(tmp_path / "pixels.json", data), images)  # one image in pixels: accepted
+
+
 def test_annotations_in_the_wrong_frame_are_refused(tmp_path):
     images, data = _big_dataset(tmp_path, bbox=(0.1, 0.2, 0.3, 0.4))
     message = _problems(tmp_path, images, data)

@@ -22,7 +22,8 @@ What :func:`validate_coco_instances` checks:
 * coordinates in the pixel frame: a polygon's extent agrees with its bbox (within
   :data:`POLYGON_BOX_TOLERANCE` of the box's size, at least 2 px; swapped x and y are named
   as such), and images of :data:`NORMALISED_MIN_SIZE` px or more whose every coordinate lies
-  within 0..1 (normalised coordinates) are refused;
+  within 0..1 (normalised coordinates) are refused, as is a data set whose every coordinate
+  does on images all larger than :data:`NORMALISED_DATASET_MIN_SIZE` px;
 * the image files (``check_images``), by :func:`acm_d2.data.image_check.check_image_files`:
   inside the image folder (unless ``allow_outside_root``), regular files, decoded in full
   once (the result cached by path, size and mtime), with pixels that Detectron2's reader does
@@ -68,6 +69,8 @@ BOX_TOLERANCE = 1.0
 POLYGON_BOX_TOLERANCE = 0.1
 #: Images at least this large (px, the larger side) whose annotations all lie within 0..1 are refused.
 NORMALISED_MIN_SIZE = 100
+#: A data set whose every annotation lies within 0..1 on images all larger than this (px) is refused.
+NORMALISED_DATASET_MIN_SIZE = 4
 
 
 class CocoFormatError(ValueError):
@@ -379,18 +382,31 @@ def _check_polygon_fits_box(segm, box, problems: _Problems, where: str) -> None:
 
 
 def _check_pixel_frame(largest: Dict[int, float], images: Dict[int, dict], problems: _Problems) -> None:
-    """Refuse images of at least :data:`NORMALISED_MIN_SIZE` px whose every annotation lies within 0..1."""
+    """Refuse images of at least :data:`NORMALISED_MIN_SIZE` px whose every annotation lies within
+    0..1, and a data set whose every annotation does, on images all larger than
+    :data:`NORMALISED_DATASET_MIN_SIZE` px (``largest``: image id -> its largest coordinate)."""
     normalised = []
     for image_id, high in largest.items():
         size = _image_size(images.get(image_id, {}))
         if size is not None and max(size) >= NORMALISED_MIN_SIZE and high <= 1.0:
             normalised.append(image_id)
+    fix = "COCO uses pixels; multiply x and widths by the image width, y and heights by its height"
     if normalised:
         problems.add(
             "normalised coordinates", "annotations",
             f"on {len(normalised)} images of {NORMALISED_MIN_SIZE} px or more (image ids {_quote(normalised)}) every "
             f"bbox and polygon coordinate is within 0..1: these look like coordinates normalised to the image "
-            f"size, but COCO uses pixels; multiply x and widths by the image width, y and heights by its height",
+            f"size, but {fix}",
+        )
+        return
+    sizes = [_image_size(images.get(image_id, {})) for image_id in largest]
+    if largest and all(high <= 1.0 for high in largest.values()) and all(
+            size is not None and max(size) > NORMALISED_DATASET_MIN_SIZE for size in sizes):
+        sides = [max(size) for size in sizes]
+        problems.add(
+            "normalised coordinates", "annotations",
+            f"every bbox and polygon coordinate of the data set ({len(largest)} annotated images of {min(sides):g} to "
+            f"{max(sides):g} px) is within 0..1: these look like coordinates normalised to the image size, but {fix}",
         )
 
 
