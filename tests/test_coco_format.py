@@ -528,6 +528,26 @@ def test_every_image_is_decoded_once_then_cached(tmp_path, dataset, monkeypatch)
     assert [os.path.basename(p) for p in decoded[6:]] == ["3.png"]
 
 
+def test_a_file_corrupted_in_place_is_decoded_again(tmp_path, dataset):
+    """40 bytes zeroed inside a PNG, its size and mtime kept: not taken from the cache as whole."""
+    _, images, data = dataset
+    png = images / "a.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 255, (48, 64, 3), dtype=np.uint8)).save(png)
+    data["images"][0].update(width=64, height=48)
+    path = _write(tmp_path / "inplace.json", data)
+    validate_coco_instances(path, images)  # checked and cached
+    before = os.stat(png)
+    content = bytearray(png.read_bytes())
+    middle = len(content) // 2
+    content[middle:middle + 40] = bytes(40)
+    with open(png, "r+b") as f:  # in place: same inode, same size
+        f.write(content)
+    os.utime(png, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(png)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert "image id 1 (a.png): the file is not a whole image" in _problems(tmp_path, images, data)
+
+
 def test_a_small_image_data_set_in_normalised_coordinates_is_refused(tmp_path, dataset):
     """64 px images are below the per-image threshold (100 px): the whole data set decides."""
     _, images, data = dataset

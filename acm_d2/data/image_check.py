@@ -18,8 +18,9 @@ For every ``file_name`` it checks, and else returns the reason as a string:
   the caller compares the size with the JSON and warns about rotated images).
 
 Results are cached per image folder in ``$ACM_D2_CHECK_CACHE`` (default
-``<checkout>/.cache/image_checks``), keyed by the file's resolved path, size, mtime and inode:
-a second registration of the same files decodes nothing. Processes that register the same
+``<checkout>/.cache/image_checks``), keyed by the file's resolved path, size, mtime, inode and
+a hash of its first, middle and last 4 KiB (the whole file below 12 KiB): a second
+registration of the same files decodes nothing and reads 12 KiB of each. Processes that register the same
 folder at once (every rank registers the datasets) take a file lock: one decodes, the others
 wait and read its results. The cache is replaced atomically.
 """
@@ -156,12 +157,29 @@ def _inside(real: str, root_real: str) -> bool:
     return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
+#: Bytes of each of the three blocks (first, middle, last) whose hash keys a file in the cache.
+SIGNATURE_BLOCK = 4096
+
+
 def _signature(real: str):
+    """[size, mtime, inode, SHA-256 of the first, middle and last :data:`SIGNATURE_BLOCK` bytes
+    (the whole file if it is smaller than three)]: a file rewritten in place with its size and
+    mtime kept is decoded again when the change touches those blocks."""
     try:
         info = os.stat(real)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block: never opened (inspect_image names it)
+            return [info.st_size, info.st_mtime_ns, info.st_ino, None]
+        digest = hashlib.sha256()
+        with open(real, "rb") as f:
+            if info.st_size <= 3 * SIGNATURE_BLOCK:
+                digest.update(f.read())
+            else:
+                for offset in (0, (info.st_size - SIGNATURE_BLOCK) // 2, info.st_size - SIGNATURE_BLOCK):
+                    f.seek(offset)
+                    digest.update(f.read(SIGNATURE_BLOCK))
     except OSError:
         return None
-    return [info.st_size, info.st_mtime_ns, info.st_ino]
+    return [info.st_size, info.st_mtime_ns, info.st_ino, digest.hexdigest()]
 
 
 def _read_cache(cache_file: Path) -> Dict[str, list]:
