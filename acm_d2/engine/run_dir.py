@@ -17,7 +17,11 @@ Detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt``):
    run that left a ``metrics.json`` but no checkpoint is moved there too, without a flag.
 3. With ``--resume``, the config stored in the checkpoint that ``last_checkpoint`` names is
    compared with the new one (:func:`acm_d2.engine.resume_check.check_resumed_config`);
-   changes that would break the run are refused here, before any iteration and any file.
+   changes that would break the run are refused here, before any iteration and any file, as
+   is a checkpoint without training state (weights only), one of an iteration beyond
+   ``SOLVER.MAX_ITER - 1``, and one whose tensors do not fit the model (another shape, missing,
+   or not in the model): a resume continues with every tensor of the checkpoint, whereas
+   Detectron2 would skip a mismatched one with a warning and leave it at random.
    Lines of ``metrics.json`` from iterations after that checkpoint (the interrupted run did
    them, the resumed run does them again) are removed, so every iteration is logged once.
 """
@@ -34,8 +38,8 @@ from typing import Dict, List, Optional
 import torch
 from detectron2.utils import comm
 
-from ..checkpoint import safe_torch_load
-from .resume_check import check_resumed_config
+from ..checkpoint import CheckpointLoadError, safe_torch_load
+from .resume_check import ResumeConfigError, check_resumed_config
 
 __all__ = ["OutputDirInUseError", "OutputDirNotEmptyError", "OutputDirLock", "lock_output_dir", "prepare_output_dir"]
 
@@ -192,11 +196,65 @@ def _move_previous_run(output_dir: str) -> str:
     return target
 
 
-def _stored_trainer_state(checkpoint_file: str) -> dict:
-    """The "trainer" entry of a checkpoint, read without loading its tensors into memory."""
-    loaded = safe_torch_load(checkpoint_file, mmap=True)
-    state = loaded.get("trainer") if isinstance(loaded, dict) else None
-    return state if isinstance(state, dict) else {}
+def _resumed_iteration(checkpoint: dict, checkpoint_file: str, cfg) -> int:
+    """The iteration of the training state in ``checkpoint``; refuse a file without one
+    (weights only) and one beyond ``cfg.SOLVER.MAX_ITER``."""
+    state = checkpoint.get("trainer")
+    iteration = state.get("iteration") if isinstance(state, dict) else None
+    if not isinstance(iteration, int) or isinstance(iteration, bool):
+        raise CheckpointLoadError(
+            f"--resume from {checkpoint_file} (named by {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')}): the file "
+            f"holds model weights but no training state (no 'trainer' entry with an integer 'iteration'), so there is "
+            f"no run to resume; a resume would start at iteration 1 and overwrite this run's checkpoints and "
+            f"metrics.json. To fine-tune from it, set MODEL.WEIGHTS {checkpoint_file} in another OUTPUT_DIR (or pass "
+            f"--overwrite, which moves this run's files into previous_runs/) and leave out --resume. Nothing was run "
+            f"or written."
+        )
+    max_iter = cfg.SOLVER.MAX_ITER
+    if iteration + 1 > max_iter:  # (a finished run's model_final.pth is of iteration MAX_ITER - 1)
+        raise ResumeConfigError(
+            f"--resume from {checkpoint_file}: the checkpoint is of iteration {iteration}, beyond SOLVER.MAX_ITER "
+            f"{max_iter} (the last iteration of a run is MAX_ITER - 1 = {max_iter - 1}): there is nothing left to "
+            f"train, and its weights are not those of a run of {max_iter} iterations. Set SOLVER.MAX_ITER to at "
+            f"least {iteration + 1} to continue it (SOLVER.MAX_ITER {iteration + 1} evaluates it as it is), or "
+            f"evaluate it with --eval-only MODEL.WEIGHTS {checkpoint_file}. Nothing was run or written."
+        )
+    return iteration
+
+
+def _check_model_tensors(checkpoint: dict, checkpoint_file: str, cfg) -> None:
+    """Refuse a checkpoint whose "model" does not have every tensor of the model built from
+    ``cfg`` with its shape, or has tensors the model does not have (BN's num_batches_tracked
+    aside). The model is built on the meta device: shapes only, no memory, no initialisation."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    with torch.device("meta"):
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    stored = checkpoint.get("model")
+    stored = stored if isinstance(stored, dict) else {}
+    theirs = {k: tuple(getattr(v, "shape", ())) for k, v in stored.items() if not k.endswith("num_batches_tracked")}
+    shapes = [(k, theirs[k], ours[k]) for k in ours if k in theirs and theirs[k] != ours[k]]
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    if not (shapes or missing or unexpected):
+        return
+    lines = []
+    if shapes:
+        lines.append(f"  {len(shapes)} tensor(s) of another shape (key: checkpoint shape vs model shape):")
+        lines += [f"    {k}: checkpoint {a} vs model {b}" for k, a, b in shapes[:10]]
+    if missing:
+        lines.append(f"  {len(missing)} model tensor(s) missing from the checkpoint: {missing[:10]}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} checkpoint tensor(s) the model does not have: {unexpected[:10]}")
+    body = "\n".join(lines)
+    raise CheckpointLoadError(
+        f"--resume from {checkpoint_file}: the checkpoint's model does not fit this model (a resumed run continues "
+        f"with every tensor of the checkpoint):\n{body}\n"
+        f"Resume with the config the checkpoint was trained with (MODEL.*), or fine-tune from it: set MODEL.WEIGHTS "
+        f"{checkpoint_file} in another OUTPUT_DIR (or pass --overwrite) and leave out --resume, which loads what fits "
+        f"as Detectron2 does. Nothing was run or written."
+    )
 
 
 def _drop_metrics_after(output_dir: str, iteration: int) -> None:
@@ -231,8 +289,9 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bo
         OutputDirInUseError: another run holds the lock (named).
         OutputDirNotEmptyError: checkpoints of an earlier run, neither ``resume`` nor ``overwrite``.
         acm_d2.engine.resume_check.ResumeConfigError: ``resume`` with a config change that
-            would break the run.
-        acm_d2.checkpoint.CheckpointLoadError: the checkpoint cannot be read.
+            would break the run, or from a checkpoint of an iteration beyond SOLVER.MAX_ITER - 1.
+        acm_d2.checkpoint.CheckpointLoadError: the checkpoint cannot be read, holds no training
+            state, or its tensors do not fit the model.
     """
     if comm.is_main_process():
         _prepare(cfg, resume, overwrite, eval_only)
@@ -250,11 +309,12 @@ def _prepare(cfg, resume: bool, overwrite: bool, eval_only: bool) -> None:
         return
     checkpoint_file = SafeCheckpointer(torch.nn.Module(), output_dir).get_checkpoint_file() if resume else ""
     if checkpoint_file and os.path.isfile(checkpoint_file):
-        state = _stored_trainer_state(checkpoint_file)
-        check_resumed_config(state.get("config"), cfg, checkpoint_file)
-        iteration = state.get("iteration")
-        if isinstance(iteration, int) and not isinstance(iteration, bool):
-            _drop_metrics_after(output_dir, iteration)
+        checkpoint = safe_torch_load(checkpoint_file, mmap=True)  # (tensors not read into memory)
+        checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+        iteration = _resumed_iteration(checkpoint, checkpoint_file, cfg)
+        check_resumed_config(checkpoint["trainer"].get("config"), cfg, checkpoint_file)
+        _check_model_tensors(checkpoint, checkpoint_file, cfg)
+        _drop_metrics_after(output_dir, iteration)
         return
     # The run starts at iteration 0 (no --resume, or nothing to resume from).
     found = _checkpoint_files(output_dir)
