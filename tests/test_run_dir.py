@@ -64,10 +64,17 @@ def test_an_earlier_run_is_not_overwritten_without_the_flag(tmp_path):
     message = str(info.value)
     assert f"OUTPUT_DIR {out} holds the checkpoints of an earlier run (last_checkpoint, model_0000009.pth, model_final.pth)" in message
     assert "Pass --resume to continue that run, --overwrite to start afresh" in message
-    prepare_output_dir(_cfg(out), resume=False, eval_only=True)  # evaluating writes no checkpoint
+    cfg = _cfg(out)
+    cfg.MODEL.WEIGHTS = str(out / "model_0000009.pth")
+    with pytest.raises(ValueError, match="--eval-only needs trained weights"):
+        prepare_output_dir(_cfg(out), resume=False, eval_only=True)
+    # evaluating writes into a folder of its own, OUTPUT_DIR/eval/<weights stem>/ (issue 2628)
+    assert prepare_output_dir(cfg, resume=False, eval_only=True).OUTPUT_DIR == str(out / "eval" / "model_0000009")
+    resumed = prepare_output_dir(_cfg(out), resume=True, eval_only=True)  # the checkpoint of last_checkpoint
+    assert (resumed.OUTPUT_DIR, resumed.MODEL.WEIGHTS) == (str(out / "eval" / "model_final"), str(out / "model_final.pth"))
     prepare_output_dir(_cfg(out), resume=False, overwrite=True)
     (previous,) = (out / "previous_runs").iterdir()
-    assert sorted(p.name for p in previous.iterdir()) == ["last_checkpoint", "log.txt", "metrics.json", "model_0000009.pth", "model_final.pth"]
+    assert sorted(p.name for p in previous.iterdir()) == ["eval", "last_checkpoint", "log.txt", "metrics.json", "model_0000009.pth", "model_final.pth"]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "previous_runs"]
 
 

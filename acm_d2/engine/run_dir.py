@@ -24,6 +24,10 @@ Detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt``):
    Detectron2 would skip a mismatched one with a warning and leave it at random.
    Lines of ``metrics.json`` from iterations after that checkpoint (the interrupted run did
    them, the resumed run does them again) are removed, so every iteration is logged once.
+4. With ``eval_only`` (``--eval-only``), the evaluation writes into a folder of its own,
+   ``OUTPUT_DIR/eval/<stem of the weights file>/`` (its ``config.yaml``, ``log.txt``,
+   ``inference/``), which it locks: the files of a training run in ``OUTPUT_DIR`` are left as
+   they are. ``overwrite`` moves ``eval/`` with the other files of a run.
 """
 import atexit
 import datetime
@@ -47,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".acm_d2.lock"
 #: Files and folders of a run, moved aside by ``overwrite``.
-RUN_FILES = ("last_checkpoint", "metrics.json", "config.yaml", "log.txt", "inference", "inference_TTA")
+RUN_FILES = ("last_checkpoint", "metrics.json", "config.yaml", "log.txt", "inference", "inference_TTA", "eval")
 RUN_FILE_PREFIXES = ("model_", "events.out.tfevents.")
 
 
@@ -279,8 +283,11 @@ def _drop_metrics_after(output_dir: str, iteration: int) -> None:
         atomic_write(path, lambda f: f.writelines(kept), mode="w")
 
 
-def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bool = False) -> None:
-    """Lock ``cfg.OUTPUT_DIR`` and check it for this run; see the module docstring.
+def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bool = False):
+    """Lock ``cfg.OUTPUT_DIR`` and check it for this run; see the module docstring. Returns the
+    config to run with: ``cfg`` itself, or for ``eval_only`` a copy whose OUTPUT_DIR is
+    ``OUTPUT_DIR/eval/<stem of the weights file>/`` and whose MODEL.WEIGHTS is the file to
+    evaluate (with ``resume``, the checkpoint that ``last_checkpoint`` names, if any).
 
     Call it in every process before anything is written into OUTPUT_DIR; the main process
     does the work, the others wait for it.
@@ -292,10 +299,42 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bo
             would break the run, or from a checkpoint of an iteration beyond SOLVER.MAX_ITER - 1.
         acm_d2.checkpoint.CheckpointLoadError: the checkpoint cannot be read, holds no training
             state, or its tensors do not fit the model.
+        ValueError: ``eval_only`` without weights to evaluate.
     """
+    if eval_only:
+        cfg = _eval_only_cfg(cfg, resume)
     if comm.is_main_process():
         _prepare(cfg, resume, overwrite, eval_only)
     comm.synchronize()
+    return cfg
+
+
+def _eval_only_cfg(cfg, resume: bool):
+    """``cfg`` with OUTPUT_DIR ``OUTPUT_DIR/eval/<stem>/`` and MODEL.WEIGHTS the file evaluated:
+    an evaluation never rewrites the config.yaml or the inference/ results of the run in
+    OUTPUT_DIR."""
+    from .checkpointer import SafeCheckpointer
+
+    weights = cfg.MODEL.WEIGHTS
+    if resume:
+        checkpointer = SafeCheckpointer(torch.nn.Module(), cfg.OUTPUT_DIR)
+        if checkpointer.has_checkpoint():
+            weights = checkpointer.get_checkpoint_file()
+    if not weights:
+        raise ValueError(
+            "--eval-only needs trained weights: set MODEL.WEIGHTS path/to/model_final.pth, or pass --resume with "
+            f"a checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR}); evaluating a randomly initialised model is refused"
+        )
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    if cfg.OUTPUT_DIR:
+        stem = os.path.splitext(os.path.basename(weights.split("?")[0].rstrip("/")))[0] or "weights"
+        cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval", stem)
+    if frozen:
+        cfg.freeze()
+    return cfg
 
 
 def _prepare(cfg, resume: bool, overwrite: bool, eval_only: bool) -> None:
