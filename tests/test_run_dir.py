@@ -13,7 +13,7 @@ from detectron2.solver.lr_scheduler import LRMultiplier
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from acm_d2.checkpoint import CheckpointLoadError
-from acm_d2.engine import OutputDirInUseError, OutputDirNotEmptyError, ResumeConfigError, prepare_output_dir
+from acm_d2.engine import OutputDirInUseError, OutputDirNotEmptyError, ResumeConfigError, check_resume_checkpoint, prepare_output_dir
 from acm_d2.engine.resume_check import apply_solver_settings, validate_trainer_state
 from acm_d2.engine.run_dir import LOCK_NAME, OutputDirLock
 from conftest import acm_cfg
@@ -286,3 +286,11 @@ def test_resume_refuses_a_checkpoint_beyond_max_iter(tmp_path):
         "not those of a run of 3 iterations. Set SOLVER.MAX_ITER to at least 5 to continue it"
     )
     assert _unchanged(out, before)
+    # MAX_ITER as the trainer runs it: 3 for 2 processes is 6 for this one (SOLVER.REFERENCE_WORLD_SIZE)
+    cfg = _tiny_cfg(out, max_iter=3)
+    cfg.defrost()
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 2
+    assert check_resume_checkpoint(cfg, str(out / "model_0000004.pth")) == 4
+    cfg.SOLVER.MAX_ITER = 2
+    with pytest.raises(ResumeConfigError, match="beyond SOLVER.MAX_ITER 4, scaled from 2 for 1 processes by SOLVER.REFERENCE_WORLD_SIZE"):
+        check_resume_checkpoint(cfg, str(out / "model_0000004.pth"))

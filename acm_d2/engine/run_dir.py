@@ -40,12 +40,17 @@ import sys
 from typing import Dict, List, Optional
 
 import torch
+from detectron2.engine import DefaultTrainer
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from ..checkpoint import CheckpointLoadError, safe_torch_load
 from .resume_check import ResumeConfigError, check_resumed_config
 
-__all__ = ["OutputDirInUseError", "OutputDirNotEmptyError", "OutputDirLock", "lock_output_dir", "prepare_output_dir"]
+__all__ = [
+    "OutputDirInUseError", "OutputDirNotEmptyError", "OutputDirLock", "check_resume_checkpoint", "lock_output_dir",
+    "prepare_output_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +207,7 @@ def _move_previous_run(output_dir: str) -> str:
 
 def _resumed_iteration(checkpoint: dict, checkpoint_file: str, cfg) -> int:
     """The iteration of the training state in ``checkpoint``; refuse a file without one
-    (weights only) and one beyond ``cfg.SOLVER.MAX_ITER``."""
+    (weights only) and one of an iteration beyond ``SOLVER.MAX_ITER - 1``."""
     state = checkpoint.get("trainer")
     iteration = state.get("iteration") if isinstance(state, dict) else None
     if not isinstance(iteration, int) or isinstance(iteration, bool):
@@ -214,26 +219,29 @@ def _resumed_iteration(checkpoint: dict, checkpoint_file: str, cfg) -> int:
             f"--overwrite, which moves this run's files into previous_runs/) and leave out --resume. Nothing was run "
             f"or written."
         )
-    max_iter = cfg.SOLVER.MAX_ITER
+    # The trainer's MAX_ITER: scaled by SOLVER.REFERENCE_WORLD_SIZE as DefaultTrainer does.
+    max_iter = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size()).SOLVER.MAX_ITER
     if iteration + 1 > max_iter:  # (a finished run's model_final.pth is of iteration MAX_ITER - 1)
+        scaled = "" if max_iter == cfg.SOLVER.MAX_ITER else (
+            f", scaled from {cfg.SOLVER.MAX_ITER} for {comm.get_world_size()} processes by SOLVER.REFERENCE_WORLD_SIZE"
+        )
         raise ResumeConfigError(
             f"--resume from {checkpoint_file}: the checkpoint is of iteration {iteration}, beyond SOLVER.MAX_ITER "
-            f"{max_iter} (the last iteration of a run is MAX_ITER - 1 = {max_iter - 1}): there is nothing left to "
-            f"train, and its weights are not those of a run of {max_iter} iterations. Set SOLVER.MAX_ITER to at "
-            f"least {iteration + 1} to continue it (SOLVER.MAX_ITER {iteration + 1} evaluates it as it is), or "
+            f"{max_iter}{scaled} (the last iteration of a run is MAX_ITER - 1 = {max_iter - 1}): there is nothing "
+            f"left to train, and its weights are not those of a run of {max_iter} iterations. Set SOLVER.MAX_ITER to "
+            f"at least {iteration + 1} to continue it (SOLVER.MAX_ITER {iteration + 1} evaluates it as it is), or "
             f"evaluate it with --eval-only MODEL.WEIGHTS {checkpoint_file}. Nothing was run or written."
         )
     return iteration
 
 
-def _check_model_tensors(checkpoint: dict, checkpoint_file: str, cfg) -> None:
-    """Refuse a checkpoint whose "model" does not have every tensor of the model built from
-    ``cfg`` with its shape, or has tensors the model does not have (BN's num_batches_tracked
-    aside). The model is built on the meta device: shapes only, no memory, no initialisation."""
-    from detectron2.modeling import META_ARCH_REGISTRY
-
-    with torch.device("meta"):
-        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+def _check_model_tensors(checkpoint: dict, checkpoint_file: str, cfg, model: Optional[torch.nn.Module]) -> None:
+    """Refuse a checkpoint whose "model" does not have every tensor of ``model`` with its shape,
+    or has tensors the model does not have (BN's num_batches_tracked aside). Without ``model``,
+    the model of ``cfg`` is built on the meta device: shapes only, no memory, no initialisation."""
+    if model is None:
+        with torch.device("meta"):
+            model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     stored = checkpoint.get("model")
     stored = stored if isinstance(stored, dict) else {}
@@ -259,6 +267,26 @@ def _check_model_tensors(checkpoint: dict, checkpoint_file: str, cfg) -> None:
         f"{checkpoint_file} in another OUTPUT_DIR (or pass --overwrite) and leave out --resume, which loads what fits "
         f"as Detectron2 does. Nothing was run or written."
     )
+
+
+def check_resume_checkpoint(cfg, checkpoint_file: str, model: Optional[torch.nn.Module] = None, log_changes: bool = True) -> int:
+    """Check that ``checkpoint_file`` (named by ``OUTPUT_DIR/last_checkpoint``) can resume the run
+    of ``cfg`` (the config as given, before DefaultTrainer's scaling) and ``model`` (None: the
+    model of ``cfg``, built on the meta device); the tensors are not read into memory. Returns
+    the checkpoint's iteration.
+
+    Raises:
+        acm_d2.checkpoint.CheckpointLoadError: the file holds no training state (weights only),
+            or its tensors do not fit the model (another shape, missing, not in the model).
+        acm_d2.engine.resume_check.ResumeConfigError: its iteration is beyond SOLVER.MAX_ITER - 1,
+            or the config differs in a way that breaks the run.
+    """
+    checkpoint = safe_torch_load(checkpoint_file, mmap=True)
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    iteration = _resumed_iteration(checkpoint, checkpoint_file, cfg)
+    check_resumed_config(checkpoint["trainer"].get("config"), cfg, checkpoint_file, log_changes=log_changes)
+    _check_model_tensors(checkpoint, checkpoint_file, cfg, model)
+    return iteration
 
 
 def _drop_metrics_after(output_dir: str, iteration: int) -> None:
@@ -348,12 +376,7 @@ def _prepare(cfg, resume: bool, overwrite: bool, eval_only: bool) -> None:
         return
     checkpoint_file = SafeCheckpointer(torch.nn.Module(), output_dir).get_checkpoint_file() if resume else ""
     if checkpoint_file and os.path.isfile(checkpoint_file):
-        checkpoint = safe_torch_load(checkpoint_file, mmap=True)  # (tensors not read into memory)
-        checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
-        iteration = _resumed_iteration(checkpoint, checkpoint_file, cfg)
-        check_resumed_config(checkpoint["trainer"].get("config"), cfg, checkpoint_file)
-        _check_model_tensors(checkpoint, checkpoint_file, cfg)
-        _drop_metrics_after(output_dir, iteration)
+        _drop_metrics_after(output_dir, check_resume_checkpoint(cfg, checkpoint_file))
         return
     # The run starts at iteration 0 (no --resume, or nothing to resume from).
     found = _checkpoint_files(output_dir)
