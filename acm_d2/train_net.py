@@ -77,9 +77,15 @@ def setup(args):
     cfg.freeze()
     # Lock OUTPUT_DIR, refuse an overwrite or a resume with a breaking config change: before
     # default_setup writes config.yaml (see acm_d2.engine.run_dir).
-    prepare_output_dir(cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
+    # --eval-only: OUTPUT_DIR becomes OUTPUT_DIR/eval/<weights file stem>/, MODEL.WEIGHTS the file evaluated.
+    cfg = prepare_output_dir(cfg, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="acm_d2", abbrev_name="acm_d2")
+    if args.eval_only:
+        logging.getLogger("acm_d2.train_net").info(
+            "--eval-only: evaluating %s; writing into %s (config.yaml, log.txt, inference/), a folder of its own: "
+            "the files of a run in OUTPUT_DIR are left as they are", cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR,
+        )
     register_datasets(cfg, args)  # after the loggers: its log lines (what was registered) reach log.txt
     return cfg
 
@@ -92,13 +98,8 @@ def main(args):
         check_same_categories(cfg)
         model = Trainer.build_model(cfg)
         # Every parameter must come from the checkpoint: no random heads are evaluated.
-        checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_complete=True)
-        if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
-            raise ValueError(
-                "--eval-only needs trained weights: set MODEL.WEIGHTS path/to/model_final.pth, or pass --resume with "
-                f"a checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR}); evaluating a randomly initialised model is refused"
-            )
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # MODEL.WEIGHTS: the file to evaluate, also with --resume (set by prepare_output_dir)
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_complete=True).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
         res = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             res.update(Trainer.test_with_TTA(cfg, model))

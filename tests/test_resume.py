@@ -298,3 +298,22 @@ def test_builtin_config_resumes_exactly_and_always_writes_model_final(tmp_path):
     assert (finishing / "last_checkpoint").read_text() == "model_final.pth"
     final = torch.load(finishing / "model_final.pth", weights_only=True)
     assert final["iteration"] == 1 and all(torch.equal(a[k], final["model"][k]) for k in a)
+
+
+def test_resumable_trainer_used_directly_refuses_a_checkpoint_that_cannot_resume_it(tmp_path):
+    """Issue 2628: the checks of prepare_output_dir also in ResumableTrainer.resume_or_load."""
+    from acm_d2.checkpoint import CheckpointLoadError
+    from acm_d2.engine import ResumableTrainer
+
+    trainer = ResumableTrainer(_synthetic_cfg(tmp_path))
+    model = trainer.model.state_dict()
+    torch.save({"model": model}, tmp_path / "model_0000000.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000000.pth")
+    with pytest.raises(CheckpointLoadError, match="holds model weights but no training state"):
+        trainer.resume_or_load(resume=True)
+    weight = "roi_heads.box_predictor.cls_score.weight"
+    model[weight] = torch.zeros(9, model[weight].shape[1])  # (the model has 4 classes: 5 rows)
+    torch.save({"model": model, "trainer": trainer.state_dict()}, tmp_path / "model_0000000.pth")
+    with pytest.raises(CheckpointLoadError, match=f"{weight}: checkpoint \\(9, 256\\) vs model \\(5, 256\\)"):
+        trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 0

@@ -13,7 +13,7 @@ from detectron2.solver.lr_scheduler import LRMultiplier
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from acm_d2.checkpoint import CheckpointLoadError
-from acm_d2.engine import OutputDirInUseError, OutputDirNotEmptyError, prepare_output_dir
+from acm_d2.engine import OutputDirInUseError, OutputDirNotEmptyError, ResumeConfigError, check_resume_checkpoint, prepare_output_dir
 from acm_d2.engine.resume_check import apply_solver_settings, validate_trainer_state
 from acm_d2.engine.run_dir import LOCK_NAME, OutputDirLock
 from conftest import acm_cfg
@@ -64,10 +64,17 @@ def test_an_earlier_run_is_not_overwritten_without_the_flag(tmp_path):
     message = str(info.value)
     assert f"OUTPUT_DIR {out} holds the checkpoints of an earlier run (last_checkpoint, model_0000009.pth, model_final.pth)" in message
     assert "Pass --resume to continue that run, --overwrite to start afresh" in message
-    prepare_output_dir(_cfg(out), resume=False, eval_only=True)  # evaluating writes no checkpoint
+    cfg = _cfg(out)
+    cfg.MODEL.WEIGHTS = str(out / "model_0000009.pth")
+    with pytest.raises(ValueError, match="--eval-only needs trained weights"):
+        prepare_output_dir(_cfg(out), resume=False, eval_only=True)
+    # evaluating writes into a folder of its own, OUTPUT_DIR/eval/<weights stem>/ (issue 2628)
+    assert prepare_output_dir(cfg, resume=False, eval_only=True).OUTPUT_DIR == str(out / "eval" / "model_0000009")
+    resumed = prepare_output_dir(_cfg(out), resume=True, eval_only=True)  # the checkpoint of last_checkpoint
+    assert (resumed.OUTPUT_DIR, resumed.MODEL.WEIGHTS) == (str(out / "eval" / "model_final"), str(out / "model_final.pth"))
     prepare_output_dir(_cfg(out), resume=False, overwrite=True)
     (previous,) = (out / "previous_runs").iterdir()
-    assert sorted(p.name for p in previous.iterdir()) == ["last_checkpoint", "log.txt", "metrics.json", "model_0000009.pth", "model_final.pth"]
+    assert sorted(p.name for p in previous.iterdir()) == ["eval", "last_checkpoint", "log.txt", "metrics.json", "model_0000009.pth", "model_final.pth"]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "previous_runs"]
 
 
@@ -184,3 +191,106 @@ def test_resume_without_a_checkpoint_to_resume_from_does_not_overwrite(tmp_path)
     (crashed / "metrics.json").write_text('{"iteration": 3}\n')
     prepare_output_dir(_cfg(crashed), resume=True)
     assert not (crashed / "metrics.json").exists() and len(list((crashed / "previous_runs").iterdir())) == 1
+
+
+def _tiny_cfg(output_dir, max_iter=5):
+    """The tiny Mask R-CNN R-18 + ACM of train_net_runs (MAX_ITER ``max_iter``), frozen."""
+    cfg = acm_cfg("configs/Base-RCNN-FPN-ACM.yaml", *tiny_opts(output_dir, max_iter=max_iter)[2:])
+    cfg.freeze()
+    return cfg
+
+
+def _model_tensors(cfg):
+    """Zero tensors of the shapes of the model's state_dict (the model built on the meta device)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    with torch.device("meta"):
+        model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    return {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}
+
+
+def _write_run(out, cfg, model, trainer):
+    """OUTPUT_DIR of an earlier run whose last_checkpoint names model_0000004.pth; returns the
+    files' modification times."""
+    out.mkdir()
+    data = {"model": model} if trainer is None else {"model": model, "trainer": trainer}
+    torch.save(data, out / "model_0000004.pth")
+    (out / "last_checkpoint").write_text("model_0000004.pth")
+    (out / "metrics.json").write_text('{"iteration": 4, "total_loss": 1.0}\n')
+    (out / "config.yaml").write_text(cfg.dump())
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+
+def _unchanged(out, before):
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_NAME} == before
+
+
+def test_resume_refuses_a_checkpoint_whose_tensors_do_not_fit_the_model(tmp_path):
+    """Issue 2628, 1: Detectron2 skipped the mismatched head with a warning and trained it from random."""
+    cfg = _tiny_cfg(tmp_path / "ok")
+    model = _model_tensors(cfg)
+    trainer = {"iteration": 4, "config": cfg.dump()}
+    _write_run(tmp_path / "ok", cfg, model, trainer)
+    prepare_output_dir(cfg, resume=True)  # every tensor fits: resumed
+
+    out = tmp_path / "out"
+    cfg = _tiny_cfg(out)
+    model["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(81, 64)  # a head for 80 classes
+    del model["roi_heads.mask_head.predictor.bias"]
+    model["roi_heads.keypoint_head.score_lowres.weight"] = torch.zeros(17, 32, 4, 4)
+    before = _write_run(out, cfg, model, trainer)
+    with pytest.raises(CheckpointLoadError) as info:
+        prepare_output_dir(cfg, resume=True)
+    message = str(info.value)
+    assert message.startswith(
+        f"--resume from {out / 'model_0000004.pth'}: the checkpoint's model does not fit this model "
+        "(a resumed run continues with every tensor of the checkpoint):\n"
+        "  1 tensor(s) of another shape (key: checkpoint shape vs model shape):\n"
+        "    roi_heads.box_predictor.cls_score.weight: checkpoint (81, 64) vs model (3, 64)\n"
+        "  1 model tensor(s) missing from the checkpoint: ['roi_heads.mask_head.predictor.bias']\n"
+        "  1 checkpoint tensor(s) the model does not have: ['roi_heads.keypoint_head.score_lowres.weight']\n"
+    )
+    assert "MODEL.WEIGHTS" in message and "Nothing was run or written." in message
+    assert _unchanged(out, before)
+
+
+def test_resume_refuses_a_weights_only_checkpoint(tmp_path):
+    """Issue 2628, 2: a file without training state started again at iteration 1 over the run's files."""
+    for name, trainer in (("no_trainer", None), ("no_iteration", {"config": "x"})):
+        out = tmp_path / name
+        cfg = _tiny_cfg(out)
+        before = _write_run(out, cfg, {"w": torch.zeros(2)}, trainer)
+        with pytest.raises(CheckpointLoadError) as info:
+            prepare_output_dir(cfg, resume=True)
+        assert str(info.value).startswith(
+            f"--resume from {out / 'model_0000004.pth'} (named by {out / 'last_checkpoint'}): the file holds model "
+            "weights but no training state (no 'trainer' entry with an integer 'iteration'), so there is no run to "
+            "resume; a resume would start at iteration 1 and overwrite this run's checkpoints and metrics.json. "
+            f"To fine-tune from it, set MODEL.WEIGHTS {out / 'model_0000004.pth'} in another OUTPUT_DIR"
+        )
+        assert _unchanged(out, before)
+
+
+def test_resume_refuses_a_checkpoint_beyond_max_iter(tmp_path):
+    """Issue 2628, 3: resuming iteration 4 with SOLVER.MAX_ITER 3 evaluated it as final, with no word."""
+    out = tmp_path / "out"
+    cfg = _tiny_cfg(out, max_iter=5)
+    before = _write_run(out, cfg, _model_tensors(cfg), {"iteration": 4, "config": cfg.dump()})
+    prepare_output_dir(cfg, resume=True)  # iteration 4 is the last of MAX_ITER 5: a finished run, resumed
+    cfg = _tiny_cfg(out, max_iter=3)
+    with pytest.raises(ResumeConfigError) as info:
+        prepare_output_dir(cfg, resume=True)
+    assert str(info.value).startswith(
+        f"--resume from {out / 'model_0000004.pth'}: the checkpoint is of iteration 4, beyond SOLVER.MAX_ITER 3 "
+        "(the last iteration of a run is MAX_ITER - 1 = 2): there is nothing left to train, and its weights are "
+        "not those of a run of 3 iterations. Set SOLVER.MAX_ITER to at least 5 to continue it"
+    )
+    assert _unchanged(out, before)
+    # MAX_ITER as the trainer runs it: 3 for 2 processes is 6 for this one (SOLVER.REFERENCE_WORLD_SIZE)
+    cfg = _tiny_cfg(out, max_iter=3)
+    cfg.defrost()
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 2
+    assert check_resume_checkpoint(cfg, str(out / "model_0000004.pth")) == 4
+    cfg.SOLVER.MAX_ITER = 2
+    with pytest.raises(ResumeConfigError, match="beyond SOLVER.MAX_ITER 4, scaled from 2 for 1 processes by SOLVER.REFERENCE_WORLD_SIZE"):
+        check_resume_checkpoint(cfg, str(out / "model_0000004.pth"))

@@ -3,6 +3,7 @@ registered with --register-coco, writes a checkpoint, and --eval-only reports bb
 
 (The data and run helpers are in train_net_runs.py.)
 """
+import logging
 import os
 import subprocess
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_net_runs import REPO, load_model_weights, read_metrics, run_train_net, tiny_opts, train_net_command, write_tiny_coco
+from train_net_runs import CONFIG, REPO, load_model_weights, read_metrics, run_train_net, tiny_opts, train_net_command, write_tiny_coco
 
 
 @pytest.mark.slow
@@ -35,6 +36,7 @@ def test_train_then_eval_only(tmp_path):
     eval_out = tmp_path / "eval"
     opts = tiny_opts(eval_out) + ["MODEL.WEIGHTS", str(final)]
     proc = run_train_net(json_file, image_root, opts, "--eval-only")
+    eval_out = eval_out / "eval" / "model_final"  # a folder of its own (issue 2628)
     log = (eval_out / "log.txt").read_text()
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
     # Detectron2's verify_results/print_csv_format lines: "copypaste: Task: bbox", the metric
@@ -109,3 +111,41 @@ def test_lazy_config_is_named_with_the_command_that_trains_it(tmp_path, monkeypa
         assert str(info.value).startswith(f"{named} is a LazyConfig (a Python config), not a YAML config")
         assert (f"python -m acm_d2.detectron2_tools /path/to/detectron2/tools/lazyconfig_train_net.py --config-file "
                 f"{named} [key=value ...]") in str(info.value)
+
+
+@pytest.fixture
+def restore_loggers():
+    """Undo what Detectron2's setup_logger (called by train_net.main) does to the global loggers."""
+    names = ("detectron2", "d2", "fvcore", "acm_d2")
+    saved = {n: (lambda lg: (lg.level, lg.propagate, list(lg.handlers)))(logging.getLogger(n)) for n in names}
+    yield
+    for name, (level, propagate, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers
+
+
+def test_eval_only_into_a_finished_run_writes_into_its_own_folder(tmp_path, restore_loggers):
+    """Issue 2628, 4: --eval-only with OUTPUT_DIR a finished run rewrote its config.yaml and inference/."""
+    from acm_d2.train_net import argument_parser, main
+
+    json_file, image_root = write_tiny_coco(tmp_path / "data", num_images=2)
+    out = tmp_path / "out"
+    register = ["--register-coco", "tiny2628", json_file, image_root, "--config-file", str(CONFIG)]
+    opts = tiny_opts(out, max_iter=1, dataset="tiny2628")
+    main(argument_parser().parse_args(register + opts))
+    results = out / "inference" / "coco_instances_results.json"
+    before = {p: p.read_bytes() for p in (out / "config.yaml", results)}
+    torch.save(torch.load(out / "model_final.pth", weights_only=True), tmp_path / "other.pth")
+
+    main(argument_parser().parse_args(register + ["--eval-only"] + opts + ["MODEL.WEIGHTS", str(tmp_path / "other.pth")]))
+    assert {p: p.read_bytes() for p in before} == before  # the run's config.yaml and detections
+    own = out / "eval" / "other"
+    assert f"--eval-only: evaluating {tmp_path / 'other.pth'}; writing into {own}" in (own / "log.txt").read_text()
+    assert (own / "inference" / "coco_instances_results.json").is_file()
+    assert f"WEIGHTS: {tmp_path / 'other.pth'}" in (own / "config.yaml").read_text()
+
+    main(argument_parser().parse_args(register + ["--eval-only", "--resume"] + opts))  # the run's last checkpoint
+    assert f"WEIGHTS: {out / 'model_final.pth'}" in (out / "eval" / "model_final" / "config.yaml").read_text()
+    assert {p: p.read_bytes() for p in before} == before

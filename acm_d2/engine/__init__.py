@@ -6,7 +6,7 @@ from .data import ResumableTrainingSampler, SeededMapDataset, build_resumable_tr
 from .launcher import external_launcher_environment, launch
 from .preemption import CheckpointOnStop, TrainingInterrupted, request_stop_on
 from .resume_check import ResumeConfigError
-from .run_dir import OutputDirInUseError, OutputDirNotEmptyError, prepare_output_dir
+from .run_dir import OutputDirInUseError, OutputDirNotEmptyError, check_resume_checkpoint, prepare_output_dir
 from .trainer import (
     CheckedAMPTrainer,
     CheckedSimpleTrainer,
@@ -43,5 +43,6 @@ __all__ = [
     "OutputDirNotEmptyError",
     "ResumeConfigError",
     "prepare_output_dir",
+    "check_resume_checkpoint",
     "request_stop_on",
 ]

@@ -17,9 +17,17 @@ Detectron2's ``default_setup`` writes ``config.yaml`` and opens ``log.txt``):
    run that left a ``metrics.json`` but no checkpoint is moved there too, without a flag.
 3. With ``--resume``, the config stored in the checkpoint that ``last_checkpoint`` names is
    compared with the new one (:func:`acm_d2.engine.resume_check.check_resumed_config`);
-   changes that would break the run are refused here, before any iteration and any file.
+   changes that would break the run are refused here, before any iteration and any file, as
+   is a checkpoint without training state (weights only), one of an iteration beyond
+   ``SOLVER.MAX_ITER - 1``, and one whose tensors do not fit the model (another shape, missing,
+   or not in the model): a resume continues with every tensor of the checkpoint, whereas
+   Detectron2 would skip a mismatched one with a warning and leave it at random.
    Lines of ``metrics.json`` from iterations after that checkpoint (the interrupted run did
    them, the resumed run does them again) are removed, so every iteration is logged once.
+4. With ``eval_only`` (``--eval-only``), the evaluation writes into a folder of its own,
+   ``OUTPUT_DIR/eval/<stem of the weights file>/`` (its ``config.yaml``, ``log.txt``,
+   ``inference/``), which it locks: the files of a training run in ``OUTPUT_DIR`` are left as
+   they are. ``overwrite`` moves ``eval/`` with the other files of a run.
 """
 import atexit
 import datetime
@@ -32,18 +40,23 @@ import sys
 from typing import Dict, List, Optional
 
 import torch
+from detectron2.engine import DefaultTrainer
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
-from ..checkpoint import safe_torch_load
-from .resume_check import check_resumed_config
+from ..checkpoint import CheckpointLoadError, safe_torch_load
+from .resume_check import ResumeConfigError, check_resumed_config
 
-__all__ = ["OutputDirInUseError", "OutputDirNotEmptyError", "OutputDirLock", "lock_output_dir", "prepare_output_dir"]
+__all__ = [
+    "OutputDirInUseError", "OutputDirNotEmptyError", "OutputDirLock", "check_resume_checkpoint", "lock_output_dir",
+    "prepare_output_dir",
+]
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".acm_d2.lock"
 #: Files and folders of a run, moved aside by ``overwrite``.
-RUN_FILES = ("last_checkpoint", "metrics.json", "config.yaml", "log.txt", "inference", "inference_TTA")
+RUN_FILES = ("last_checkpoint", "metrics.json", "config.yaml", "log.txt", "inference", "inference_TTA", "eval")
 RUN_FILE_PREFIXES = ("model_", "events.out.tfevents.")
 
 
@@ -192,11 +205,88 @@ def _move_previous_run(output_dir: str) -> str:
     return target
 
 
-def _stored_trainer_state(checkpoint_file: str) -> dict:
-    """The "trainer" entry of a checkpoint, read without loading its tensors into memory."""
-    loaded = safe_torch_load(checkpoint_file, mmap=True)
-    state = loaded.get("trainer") if isinstance(loaded, dict) else None
-    return state if isinstance(state, dict) else {}
+def _resumed_iteration(checkpoint: dict, checkpoint_file: str, cfg) -> int:
+    """The iteration of the training state in ``checkpoint``; refuse a file without one
+    (weights only) and one of an iteration beyond ``SOLVER.MAX_ITER - 1``."""
+    state = checkpoint.get("trainer")
+    iteration = state.get("iteration") if isinstance(state, dict) else None
+    if not isinstance(iteration, int) or isinstance(iteration, bool):
+        raise CheckpointLoadError(
+            f"--resume from {checkpoint_file} (named by {os.path.join(cfg.OUTPUT_DIR, 'last_checkpoint')}): the file "
+            f"holds model weights but no training state (no 'trainer' entry with an integer 'iteration'), so there is "
+            f"no run to resume; a resume would start at iteration 1 and overwrite this run's checkpoints and "
+            f"metrics.json. To fine-tune from it, set MODEL.WEIGHTS {checkpoint_file} in another OUTPUT_DIR (or pass "
+            f"--overwrite, which moves this run's files into previous_runs/) and leave out --resume. Nothing was run "
+            f"or written."
+        )
+    # The trainer's MAX_ITER: scaled by SOLVER.REFERENCE_WORLD_SIZE as DefaultTrainer does.
+    max_iter = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size()).SOLVER.MAX_ITER
+    if iteration + 1 > max_iter:  # (a finished run's model_final.pth is of iteration MAX_ITER - 1)
+        scaled = "" if max_iter == cfg.SOLVER.MAX_ITER else (
+            f", scaled from {cfg.SOLVER.MAX_ITER} for {comm.get_world_size()} processes by SOLVER.REFERENCE_WORLD_SIZE"
+        )
+        raise ResumeConfigError(
+            f"--resume from {checkpoint_file}: the checkpoint is of iteration {iteration}, beyond SOLVER.MAX_ITER "
+            f"{max_iter}{scaled} (the last iteration of a run is MAX_ITER - 1 = {max_iter - 1}): there is nothing "
+            f"left to train, and its weights are not those of a run of {max_iter} iterations. Set SOLVER.MAX_ITER to "
+            f"at least {iteration + 1} to continue it (SOLVER.MAX_ITER {iteration + 1} evaluates it as it is), or "
+            f"evaluate it with --eval-only MODEL.WEIGHTS {checkpoint_file}. Nothing was run or written."
+        )
+    return iteration
+
+
+def _check_model_tensors(checkpoint: dict, checkpoint_file: str, cfg, model: Optional[torch.nn.Module]) -> None:
+    """Refuse a checkpoint whose "model" does not have every tensor of ``model`` with its shape,
+    or has tensors the model does not have (BN's num_batches_tracked aside). Without ``model``,
+    the model of ``cfg`` is built on the meta device: shapes only, no memory, no initialisation."""
+    if model is None:
+        with torch.device("meta"):
+            model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    stored = checkpoint.get("model")
+    stored = stored if isinstance(stored, dict) else {}
+    theirs = {k: tuple(getattr(v, "shape", ())) for k, v in stored.items() if not k.endswith("num_batches_tracked")}
+    shapes = [(k, theirs[k], ours[k]) for k in ours if k in theirs and theirs[k] != ours[k]]
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    if not (shapes or missing or unexpected):
+        return
+    lines = []
+    if shapes:
+        lines.append(f"  {len(shapes)} tensor(s) of another shape (key: checkpoint shape vs model shape):")
+        lines += [f"    {k}: checkpoint {a} vs model {b}" for k, a, b in shapes[:10]]
+    if missing:
+        lines.append(f"  {len(missing)} model tensor(s) missing from the checkpoint: {missing[:10]}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} checkpoint tensor(s) the model does not have: {unexpected[:10]}")
+    body = "\n".join(lines)
+    raise CheckpointLoadError(
+        f"--resume from {checkpoint_file}: the checkpoint's model does not fit this model (a resumed run continues "
+        f"with every tensor of the checkpoint):\n{body}\n"
+        f"Resume with the config the checkpoint was trained with (MODEL.*), or fine-tune from it: set MODEL.WEIGHTS "
+        f"{checkpoint_file} in another OUTPUT_DIR (or pass --overwrite) and leave out --resume, which loads what fits "
+        f"as Detectron2 does. Nothing was run or written."
+    )
+
+
+def check_resume_checkpoint(cfg, checkpoint_file: str, model: Optional[torch.nn.Module] = None, log_changes: bool = True) -> int:
+    """Check that ``checkpoint_file`` (named by ``OUTPUT_DIR/last_checkpoint``) can resume the run
+    of ``cfg`` (the config as given, before DefaultTrainer's scaling) and ``model`` (None: the
+    model of ``cfg``, built on the meta device); the tensors are not read into memory. Returns
+    the checkpoint's iteration.
+
+    Raises:
+        acm_d2.checkpoint.CheckpointLoadError: the file holds no training state (weights only),
+            or its tensors do not fit the model (another shape, missing, not in the model).
+        acm_d2.engine.resume_check.ResumeConfigError: its iteration is beyond SOLVER.MAX_ITER - 1,
+            or the config differs in a way that breaks the run.
+    """
+    checkpoint = safe_torch_load(checkpoint_file, mmap=True)
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    iteration = _resumed_iteration(checkpoint, checkpoint_file, cfg)
+    check_resumed_config(checkpoint["trainer"].get("config"), cfg, checkpoint_file, log_changes=log_changes)
+    _check_model_tensors(checkpoint, checkpoint_file, cfg, model)
+    return iteration
 
 
 def _drop_metrics_after(output_dir: str, iteration: int) -> None:
@@ -221,8 +311,11 @@ def _drop_metrics_after(output_dir: str, iteration: int) -> None:
         atomic_write(path, lambda f: f.writelines(kept), mode="w")
 
 
-def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bool = False) -> None:
-    """Lock ``cfg.OUTPUT_DIR`` and check it for this run; see the module docstring.
+def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bool = False):
+    """Lock ``cfg.OUTPUT_DIR`` and check it for this run; see the module docstring. Returns the
+    config to run with: ``cfg`` itself, or for ``eval_only`` a copy whose OUTPUT_DIR is
+    ``OUTPUT_DIR/eval/<stem of the weights file>/`` and whose MODEL.WEIGHTS is the file to
+    evaluate (with ``resume``, the checkpoint that ``last_checkpoint`` names, if any).
 
     Call it in every process before anything is written into OUTPUT_DIR; the main process
     does the work, the others wait for it.
@@ -231,12 +324,45 @@ def prepare_output_dir(cfg, resume: bool, overwrite: bool = False, eval_only: bo
         OutputDirInUseError: another run holds the lock (named).
         OutputDirNotEmptyError: checkpoints of an earlier run, neither ``resume`` nor ``overwrite``.
         acm_d2.engine.resume_check.ResumeConfigError: ``resume`` with a config change that
-            would break the run.
-        acm_d2.checkpoint.CheckpointLoadError: the checkpoint cannot be read.
+            would break the run, or from a checkpoint of an iteration beyond SOLVER.MAX_ITER - 1.
+        acm_d2.checkpoint.CheckpointLoadError: the checkpoint cannot be read, holds no training
+            state, or its tensors do not fit the model.
+        ValueError: ``eval_only`` without weights to evaluate.
     """
+    if eval_only:
+        cfg = _eval_only_cfg(cfg, resume)
     if comm.is_main_process():
         _prepare(cfg, resume, overwrite, eval_only)
     comm.synchronize()
+    return cfg
+
+
+def _eval_only_cfg(cfg, resume: bool):
+    """``cfg`` with OUTPUT_DIR ``OUTPUT_DIR/eval/<stem>/`` and MODEL.WEIGHTS the file evaluated:
+    an evaluation never rewrites the config.yaml or the inference/ results of the run in
+    OUTPUT_DIR."""
+    from .checkpointer import SafeCheckpointer
+
+    weights = cfg.MODEL.WEIGHTS
+    if resume:
+        checkpointer = SafeCheckpointer(torch.nn.Module(), cfg.OUTPUT_DIR)
+        if checkpointer.has_checkpoint():
+            weights = checkpointer.get_checkpoint_file()
+    if not weights:
+        raise ValueError(
+            "--eval-only needs trained weights: set MODEL.WEIGHTS path/to/model_final.pth, or pass --resume with "
+            f"a checkpoint in OUTPUT_DIR ({cfg.OUTPUT_DIR}); evaluating a randomly initialised model is refused"
+        )
+    frozen = cfg.is_frozen()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    if cfg.OUTPUT_DIR:
+        stem = os.path.splitext(os.path.basename(weights.split("?")[0].rstrip("/")))[0] or "weights"
+        cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval", stem)
+    if frozen:
+        cfg.freeze()
+    return cfg
 
 
 def _prepare(cfg, resume: bool, overwrite: bool, eval_only: bool) -> None:
@@ -250,11 +376,7 @@ def _prepare(cfg, resume: bool, overwrite: bool, eval_only: bool) -> None:
         return
     checkpoint_file = SafeCheckpointer(torch.nn.Module(), output_dir).get_checkpoint_file() if resume else ""
     if checkpoint_file and os.path.isfile(checkpoint_file):
-        state = _stored_trainer_state(checkpoint_file)
-        check_resumed_config(state.get("config"), cfg, checkpoint_file)
-        iteration = state.get("iteration")
-        if isinstance(iteration, int) and not isinstance(iteration, bool):
-            _drop_metrics_after(output_dir, iteration)
+        _drop_metrics_after(output_dir, check_resume_checkpoint(cfg, checkpoint_file))
         return
     # The run starts at iteration 0 (no --resume, or nothing to resume from).
     found = _checkpoint_files(output_dir)

@@ -18,7 +18,9 @@
 * the categories of ``DATASETS.TRAIN`` and ``DATASETS.TEST`` must agree by id and name
   (:func:`acm_d2.data.check_same_categories`);
 * every checkpoint stores the config as given; on resume the checkpoint's training state is
-  validated, a config change that would break the run is refused, and the new config's LR,
+  validated, a checkpoint without training state, of an iteration beyond SOLVER.MAX_ITER - 1
+  or whose tensors do not fit the model is refused (:func:`acm_d2.engine.run_dir.check_resume_checkpoint`),
+  a config change that would break the run is refused, and the new config's LR,
   momentum, weight decay and schedule are applied to the resumed optimizer
   (:mod:`acm_d2.engine.resume_check`); ``acm_d2.train_net`` also locks OUTPUT_DIR and checks
   all this before anything is written (:mod:`acm_d2.engine.run_dir`);
@@ -50,6 +52,7 @@ from .checkpointer import SafeCheckpointer
 from .data import build_resumable_train_loader, derived_seed, seed_all_generators
 from .preemption import CheckpointOnStop
 from .resume_check import apply_solver_settings, check_resumed_config, validate_trainer_state
+from .run_dir import check_resume_checkpoint
 
 __all__ = [
     "CheckedAMPTrainer",
@@ -338,6 +341,10 @@ class ResumableTrainer(DefaultTrainer):
         now, so every completed run has one."""
         if resume:
             self.checkpointer.remove_stale_temp_files()
+            if self.checkpointer.has_checkpoint():  # (also when prepare_output_dir did not run)
+                check_resume_checkpoint(
+                    self._given_cfg, self.checkpointer.get_checkpoint_file(), self.checkpointer.model, log_changes=False
+                )
         super().resume_or_load(resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             apply_solver_settings(self._trainer.optimizer, self.scheduler, self._configured_groups)
