@@ -16,7 +16,8 @@ and ``SEED``. Its folder is ``OUT/[BACKBONE/]VARIANT/seed<N>``; what happened to
 * ``result.json``: finished (metrics, the overrides and the identity it was trained with):
   reused, never trained again while its identity matches;
 * ``job.json``: submitted to SLURM (or submitit's local executor): the job id, its folder and
-  its process id for local jobs; a job still pending or running is not submitted again;
+  its process id and start time for local jobs (:func:`_local_job_alive`); a job still pending
+  or running is not submitted again;
 * ``failed.json``: the last attempt failed (a diverged training, a job that died): listed
   with the last lines of its log, retried only when asked (``retry_failed``);
 * ``attempts.jsonl``: one line per training started, local or submitted.
@@ -293,17 +294,44 @@ def _train_locally(run: GridRun, config_file: str, threads: int, measure) -> dic
         return _fail(run, str(e), log)
 
 
+#: Where the kernel lists processes (Linux); without it a local job's liveness is its pid's.
+_PROC = Path("/proc")
+
+
+def _process_start_ticks(pid: int) -> Optional[int]:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat),
+    or None: no such process, or no /proc."""
+    try:
+        stat = (_PROC / str(int(pid)) / "stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # the fields after "(name)" start at field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _local_job_alive(job: dict) -> bool:
+    """Whether the process of a local job.json exists: its pid and, where the record has it
+    (``pid_start``) and /proc exists, its start time; a pid reused by another process is not it.
+    A record of an earlier version (no ``pid_start``) is judged by its pid alone."""
+    try:
+        pid = int(job["pid"])
+    except (KeyError, ValueError, TypeError):
+        return False
+    if job.get("pid_start") is not None and _PROC.is_dir():
+        return _process_start_ticks(pid) == job["pid_start"]
+    try:  # a job of an earlier call of this tool: not our child, reaped by the system
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def _job_alive(job: dict, handle) -> bool:
     """Whether the job of a job.json record may still train. ``handle``: submitit's Job when
     this process submitted it (its own child: ``done()`` also reaps it), else None."""
     if handle is not None:
         return not handle.done()
     if job.get("cluster") == "local":
-        try:  # a job of an earlier call of this tool: not our child, reaped by the system
-            os.kill(int(job["pid"]), 0)
-        except (OSError, KeyError, ValueError, TypeError):
-            return False
-        return True
+        return _local_job_alive(job)
     from ..engine.slurm import require_submitit
 
     state = require_submitit().SlurmJob(job["folder"], job["job_id"]).state
@@ -326,7 +354,8 @@ def _submit(run: GridRun, config_file: str, slurm: SlurmSettings):
     )
     process = getattr(job, "_process", None)  # submitit's local executor: the job's process
     record = {"job_id": str(job.job_id), "folder": str(folder), "cluster": "local" if process is not None else "slurm",
-              "pid": process.pid if process is not None else None, "opts": run.opts, "identity": run.identity,
+              "pid": process.pid if process is not None else None,
+              "pid_start": _process_start_ticks(process.pid) if process is not None else None, "opts": run.opts, "identity": run.identity,
               "submitted": time.time()}
     _write(run.run_dir / "job.json", record)
     (run.run_dir / "failed.json").unlink(missing_ok=True)

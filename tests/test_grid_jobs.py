@@ -1,0 +1,51 @@
+"""The comparison grid's bookkeeping of jobs and of its output folder, without training: job.json
+files written by hand (a pid reused by another process, a SLURM state that cannot be read), and
+two grid commands on one folder."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from acm_d2.experiments import grid
+
+REPO = Path(__file__).resolve().parents[1]
+WIDE = str(REPO / "configs" / "Synthetic" / "mask_rcnn_R_18_FPN_acm_wide.yaml")
+
+
+def own_start_ticks() -> int:
+    stat = Path("/proc/self/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def one_run(out):
+    run = grid.plan(WIDE, out, [None], ["ACM"], 1, ["MODEL.DEVICE", "cpu"], {"ACM": []})[0]
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "identity.json").write_text(json.dumps(run.identity))
+    return run
+
+
+def write_job(run, **fields):
+    (run.run_dir / "job.json").write_text(json.dumps({"job_id": "4242", "folder": str(run.run_dir / "slurm"),
+                                                      "opts": run.opts, "identity": run.identity, "submitted": 0.0,
+                                                      **fields}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
+def test_a_local_job_is_alive_only_with_its_pid_and_its_start_time(monkeypatch):
+    """A job.json whose pid now belongs to another process counted as alive: the grid waited forever."""
+    me = {"cluster": "local", "pid": os.getpid()}
+    assert grid._job_alive({**me, "pid_start": own_start_ticks()}, None)
+    assert not grid._job_alive({**me, "pid_start": own_start_ticks() - 1}, None)  # the pid of another process
+    assert grid._job_alive(me, None)  # a job.json of an earlier version: the pid alone
+    monkeypatch.setattr(grid, "_PROC", Path("/nonexistent/proc"))  # no /proc: the pid alone
+    assert grid._job_alive({**me, "pid_start": own_start_ticks() - 1}, None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux's /proc")
+def test_a_local_job_whose_pid_was_reused_is_collected_as_ended(tmp_path):
+    run = one_run(tmp_path)
+    write_job(run, cluster="local", pid=os.getpid(), pid_start=own_start_ticks() - 1)
+    outcome = grid.run_grid([run], WIDE, measure=lambda run: {}, slurm=grid.SlurmSettings(cluster="local"), wait=False)
+    assert not outcome["running"]
+    assert [f["failed"].split(" (")[0] for f in outcome["failed"]] == ["job 4242 ended without a final evaluation"]
