@@ -49,3 +49,28 @@ def test_a_local_job_whose_pid_was_reused_is_collected_as_ended(tmp_path):
     outcome = grid.run_grid([run], WIDE, measure=lambda run: {}, slurm=grid.SlurmSettings(cluster="local"), wait=False)
     assert not outcome["running"]
     assert [f["failed"].split(" (")[0] for f in outcome["failed"]] == ["job 4242 ended without a final evaluation"]
+
+
+def test_a_slurm_state_that_cannot_be_read_is_reported_not_waited_on_forever(tmp_path, monkeypatch):
+    """Without sacct every SLURM state reads UNKNOWN, which counted as alive: the grid polled forever."""
+    from acm_d2.engine import slurm
+
+    polls = []
+
+    class SlurmJob:  # submitit's, on a machine without sacct
+        def __init__(self, folder, job_id):
+            polls.append(job_id)
+            if len(polls) > 200:
+                raise RuntimeError("still polling an UNKNOWN state after 200 polls")
+            self.state = "UNKNOWN"
+
+    monkeypatch.setattr(slurm, "require_submitit", lambda: type("submitit", (), {"SlurmJob": SlurmJob}))
+    monkeypatch.setattr(grid, "UNKNOWN_STATE_LIMIT_S", 0.05)
+    run = one_run(tmp_path)
+    write_job(run, cluster="slurm", pid=None)
+    outcome = grid.run_grid([run], WIDE, measure=lambda run: {}, slurm=grid.SlurmSettings(), poll_s=0.01)
+    assert not outcome["running"] and not outcome["finished"] and 2 <= len(polls) < 200
+    message = outcome["failed"][0]["failed"]
+    assert message.startswith("job 4242: its SLURM state could not be read for 0.05 s (sacct answers "
+                              "UNKNOWN: is sacct missing on this machine")
+    assert (run.run_dir / "job.json").is_file() and not (run.run_dir / "failed.json").exists()  # looked at again later

@@ -17,7 +17,8 @@ and ``SEED``. Its folder is ``OUT/[BACKBONE/]VARIANT/seed<N>``; what happened to
   reused, never trained again while its identity matches;
 * ``job.json``: submitted to SLURM (or submitit's local executor): the job id, its folder and
   its process id and start time for local jobs (:func:`_local_job_alive`); a job still pending
-  or running is not submitted again;
+  or running is not submitted again; one whose SLURM state cannot be read (UNKNOWN, e.g. no
+  sacct) for :data:`UNKNOWN_STATE_LIMIT_S` is reported as failed, not waited on, and kept;
 * ``failed.json``: the last attempt failed (a diverged training, a job that died): listed
   with the last lines of its log, retried only when asked (``retry_failed``);
 * ``attempts.jsonl``: one line per training started, local or submitted.
@@ -65,6 +66,9 @@ BACKBONES = {
 _IMAGENET = "detectron2://ImageNetPretrained/"
 # SLURM states of a job that may still train (sacct / squeue names).
 _SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "UNKNOWN"}
+#: Seconds a SLURM job's state may stay UNKNOWN (submitit's answer when sacct fails or does not
+#: know the job) before the grid stops waiting on it, from the first UNKNOWN that call saw.
+UNKNOWN_STATE_LIMIT_S = 600.0
 
 
 class GridInUseError(RuntimeError):
@@ -325,17 +329,39 @@ def _local_job_alive(job: dict) -> bool:
     return True
 
 
-def _job_alive(job: dict, handle) -> bool:
-    """Whether the job of a job.json record may still train. ``handle``: submitit's Job when
-    this process submitted it (its own child: ``done()`` also reaps it), else None."""
-    if handle is not None:
-        return not handle.done()
-    if job.get("cluster") == "local":
-        return _local_job_alive(job)
-    from ..engine.slurm import require_submitit
+class _StateUnknownError(RuntimeError):
+    """A SLURM job's state stayed UNKNOWN longer than :data:`UNKNOWN_STATE_LIMIT_S`."""
 
-    state = require_submitit().SlurmJob(job["folder"], job["job_id"]).state
-    return state.split()[0] in _SLURM_ALIVE
+
+def _job_alive(job: dict, handle, unknown_since: Optional[Dict[str, float]] = None) -> bool:
+    """Whether the job of a job.json record may still train. ``handle``: submitit's Job when
+    this process submitted it (its own child: ``done()`` also reaps it), else None.
+    ``unknown_since``: job id -> when (``time.monotonic()``) its SLURM state was first seen
+    UNKNOWN; with it, :class:`_StateUnknownError` once that lasts :data:`UNKNOWN_STATE_LIMIT_S`."""
+    if handle is not None:
+        if handle.done():
+            return False
+        if job.get("cluster") == "local":
+            return True
+        state = handle.state
+    elif job.get("cluster") == "local":
+        return _local_job_alive(job)
+    else:
+        from ..engine.slurm import require_submitit
+
+        state = require_submitit().SlurmJob(job["folder"], job["job_id"]).state
+    state = state.split()[0] if state else "UNKNOWN"
+    if unknown_since is not None:
+        if state != "UNKNOWN":
+            unknown_since.pop(job["job_id"], None)
+        elif time.monotonic() - unknown_since.setdefault(job["job_id"], time.monotonic()) >= UNKNOWN_STATE_LIMIT_S:
+            raise _StateUnknownError(
+                f"job {job['job_id']}: its SLURM state could not be read for {UNKNOWN_STATE_LIMIT_S:g} s "
+                f"(sacct answers UNKNOWN: is sacct missing on this machine, or is SLURM's accounting down?); not "
+                f"waited on any longer. It may still be running (see squeue): its job.json is kept, and a later "
+                f"call looks at it again."
+            )
+    return state in _SLURM_ALIVE
 
 
 def _submit(run: GridRun, config_file: str, slurm: SlurmSettings):
@@ -410,11 +436,19 @@ def run_grid(runs: Sequence[GridRun], config_file: str, measure, jobs: int = 2, 
                 (failed if result.get("failed") else finished).append(result)
         return {"finished": finished, "failed": failed, "running": []}
     alive += [(run, *_submit(run, config_file, slurm)) for run in todo]
+    unknown_since: Dict[str, float] = {}
     while alive:
         still = []
         for run, job, handle in alive:
-            if _job_alive(job, handle):
-                still.append((run, job, handle))
+            try:
+                if _job_alive(job, handle, unknown_since):
+                    still.append((run, job, handle))
+                    continue
+            except _StateUnknownError as e:  # reported, not recorded as failed: the job may still run
+                logger.error("%s: %s", run.label, e)
+                log = _job_log(job)
+                failed.append({**_result_record(run), "metrics": {}, "failed": str(e), "log": str(log),
+                               "log_tail": _log_tail(log)})
                 continue
             try:  # the job ended: with its final evaluation, or without
                 finished.append(_finish(run, time.time() - job["submitted"], measure))
