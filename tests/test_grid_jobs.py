@@ -74,3 +74,64 @@ def test_a_slurm_state_that_cannot_be_read_is_reported_not_waited_on_forever(tmp
     assert message.startswith("job 4242: its SLURM state could not be read for 0.05 s (sacct answers "
                               "UNKNOWN: is sacct missing on this machine")
     assert (run.run_dir / "job.json").is_file() and not (run.run_dir / "failed.json").exists()  # looked at again later
+
+
+class GridRan(Exception):
+    """Raised where the grid would start its runs."""
+
+
+def hold_grid_lock(out, owner):
+    """The lock of another grid command on ``out``: an flock on OUT/.acm_d2_grid.lock, its owner inside."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".acm_d2_grid.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps(owner).encode())
+    return fd
+
+
+OWNER = {"pid": 31337, "host": "node7", "started": "2026-12-08T01:00:00",
+         "command": "tools/compare_backbones.py --output-dir out"}
+
+
+def test_a_second_grid_command_on_one_folder_is_refused_naming_the_first(tmp_path, monkeypatch):
+    """Two grid commands on one output folder submitted or trained the same runs twice."""
+    from acm_d2 import data
+    from acm_d2.experiments.comparison import run_comparison
+
+    def start(names):
+        raise GridRan
+
+    monkeypatch.setattr(data, "ensure_synthetic_dataset", start)
+    out = tmp_path / "grid"
+    fd = hold_grid_lock(out, OWNER)
+    try:
+        with pytest.raises(grid.GridInUseError, match=(
+                rf"the grid output folder {out} is in use by another grid command: process 31337 on host node7, "
+                r"started 2026-12-08T01:00:00 \(command: tools/compare_backbones.py --output-dir out\)")):
+            run_comparison(WIDE, out, ["ACM"], 1, [])
+        assert run_comparison(WIDE, out, ["ACM"], 1, [], dry_run=True)["commands"]  # a dry run takes no lock
+    finally:
+        os.close(fd)
+    with pytest.raises(GridRan):  # the other command ended: this one runs
+        run_comparison(WIDE, out, ["ACM"], 1, [])
+
+
+def test_a_stale_grid_lock_of_a_killed_command_is_taken_over_and_released(tmp_path, monkeypatch, caplog):
+    from acm_d2 import data
+    from acm_d2.experiments.comparison import run_comparison
+
+    held = []
+
+    def start(names):
+        held.append(json.loads((out / ".acm_d2_grid.lock").read_text()))
+        raise GridRan
+
+    monkeypatch.setattr(data, "ensure_synthetic_dataset", start)
+    out = tmp_path / "grid"
+    os.close(hold_grid_lock(out, OWNER))  # its process was killed: the file is left, unlocked
+    with pytest.raises(GridRan):
+        run_comparison(WIDE, out, ["ACM"], 1, [])
+    assert held[0]["pid"] == os.getpid() and not (out / ".acm_d2_grid.lock").exists()
+    assert "the grid output folder" in caplog.text and "has a stale lock of process 31337 on host node7" in caplog.text

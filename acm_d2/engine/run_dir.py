@@ -79,11 +79,16 @@ def _owner_text(info: Optional[dict]) -> str:
 
 class OutputDirLock:
     """An exclusive lock on ``OUTPUT_DIR/.acm_d2.lock``, held until :meth:`release` or the
-    process ends (see the module docstring)."""
+    process ends (see the module docstring); also a context manager. A subclass locks another
+    file (``lock_name``) of a folder and raises its own error (:meth:`in_use_error`)."""
+
+    lock_name = LOCK_NAME
+    #: What the folder is, in messages.
+    what = "OUTPUT_DIR"
 
     def __init__(self, output_dir: str):
         self.output_dir = os.path.abspath(output_dir)
-        self.path = os.path.join(self.output_dir, LOCK_NAME)
+        self.path = os.path.join(self.output_dir, self.lock_name)
         self._fd: Optional[int] = None
 
     def _read(self, fd: int) -> Optional[dict]:
@@ -105,11 +110,7 @@ class OutputDirLock:
             except BlockingIOError:
                 owner = self._read(fd)
                 os.close(fd)
-                raise OutputDirInUseError(
-                    f"OUTPUT_DIR {self.output_dir} is in use by another run: {_owner_text(owner)}. Two runs "
-                    f"in one OUTPUT_DIR would overwrite each other's checkpoints and mix their metrics. Wait "
-                    f"for it to end, or set another OUTPUT_DIR."
-                ) from None
+                raise self.in_use_error(_owner_text(owner)) from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:  # the holder removed it as we opened it: try again
@@ -120,8 +121,8 @@ class OutputDirLock:
         stale = self._read(fd)
         if stale:
             logger.warning(
-                "OUTPUT_DIR %s has a stale lock of %s: that run ended without releasing it (killed or crashed); "
-                "taking it over", self.output_dir, _owner_text(stale),
+                "%s %s has a stale lock of %s: that process ended without releasing it (killed or crashed); "
+                "taking it over", self.what, self.output_dir, _owner_text(stale),
             )
         info = {
             "pid": os.getpid(),
@@ -138,6 +139,20 @@ class OutputDirLock:
         # held while any copy is open: the child drops its copy, so the lock ends with this
         # process (a worker that outlives a killed trainer would hold it), and never unlinks it.
         os.register_at_fork(after_in_child=self._forget_in_child)
+
+    def in_use_error(self, owner: str) -> Exception:
+        """The error raised when another process holds the lock; ``owner`` names that process."""
+        return OutputDirInUseError(
+            f"OUTPUT_DIR {self.output_dir} is in use by another run: {owner}. Two runs in one OUTPUT_DIR would "
+            f"overwrite each other's checkpoints and mix their metrics. Wait for it to end, or set another OUTPUT_DIR."
+        )
+
+    def __enter__(self) -> "OutputDirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def _forget_in_child(self) -> None:
         if self._fd is not None:

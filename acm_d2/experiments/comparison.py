@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from .grid import GridRun, SlurmSettings, code_version, plan, run_grid, run_identity
+from .grid import GridLock, GridRun, SlurmSettings, code_version, plan, run_grid, run_identity
 from .report import summarize, write_chart, write_markdown
 
 __all__ = ["VARIANTS", "context_label_accuracy", "mean_abs_kq_cosine", "model_costs", "run_comparison"]
@@ -174,7 +174,9 @@ def run_comparison(config_file, output_dir, variants: Sequence[str], seeds: int,
                    dry_run: bool = False, command: str = "", poll_s: float = 30.0) -> Dict:
     """Run the grid (backbones x variants x seeds), then write the table, chart and JSON.
 
-    With ``dry_run`` nothing runs: returns {"commands": [one line per run]}. Otherwise returns
+    With ``dry_run`` nothing runs: returns {"commands": [one line per run]}. Otherwise it holds
+    a :class:`~acm_d2.experiments.grid.GridLock` on ``output_dir`` until it returns
+    (:class:`~acm_d2.experiments.grid.GridInUseError` naming the other grid command), and returns
     {"markdown", "chart", "json": paths, "table", "columns", "failed", "running"}."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -203,32 +205,32 @@ def run_comparison(config_file, output_dir, variants: Sequence[str], seeds: int,
                f"{', partition ' + slurm.partition if slurm.partition else ''}"
                f"{', account ' + slurm.account if slurm.account else ''}: ")
         return {"commands": [job + run.command(config_file) for run in runs]}
-    ensure_synthetic_dataset(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    test_set = cfg.DATASETS.TEST[0]
-    DatasetCatalog.get(test_set)  # loading sets the metadata's thing_classes
-    meta = MetadataCatalog.get(test_set)
-    context_classes = list(meta.get("context_classes", []))
-    outcome = run_grid(runs, config_file, _kq_similarity(config_file), jobs=jobs, threads=threads, slurm=slurm,
-                       retry_failed=retry_failed, wait=wait, poll_s=poll_s)
-    _add_run_files(outcome["finished"], runs, meta.get("json_file"), context_classes)
-    costs = _costs(config_file, runs, out)
-    rows = [(b, v) for b in backbones for v in variants]
-    table, columns = summarize(outcome["finished"], rows, list(meta.get("thing_classes", [])), context_classes,
-                               list(meta.get("local_classes", [])), costs)
-    paper_backbones = {b: b or backbone_of(cfg) for b in backbones}
-    md, png, js = out / "comparison.md", out / "comparison.png", out / "comparison.json"
-    write_markdown(md, table, columns, rows, command, seeds, context_classes, list(meta.get("local_classes", [])),
-                   outcome["failed"], outcome["running"], paper_backbones if test_set == "coco_2017_val" else None)
-    write_chart(png, table, columns, rows)
-    with open(js, "w") as f:
-        json.dump({"command": command, "runs": outcome["finished"], "failed": outcome["failed"],
-                   "running": outcome["running"], "costs": {" ".join(filter(None, k)): c for k, c in costs.items()},
-                   "columns": columns, "table": {" ".join(filter(None, k)): {c: list(ms) for c, ms in t.items()}
-                                                  for k, t in table.items()}}, f, indent=1)
-    return {"markdown": str(md), "chart": str(png), "json": str(js), "table": table, "columns": columns,
-            "failed": outcome["failed"], "running": outcome["running"]}
+    with GridLock(out):  # held until the report is written: a second grid command on ``out`` is refused
+        ensure_synthetic_dataset(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        test_set = cfg.DATASETS.TEST[0]
+        DatasetCatalog.get(test_set)  # loading sets the metadata's thing_classes
+        meta = MetadataCatalog.get(test_set)
+        context_classes = list(meta.get("context_classes", []))
+        outcome = run_grid(runs, config_file, _kq_similarity(config_file), jobs=jobs, threads=threads, slurm=slurm,
+                           retry_failed=retry_failed, wait=wait, poll_s=poll_s)
+        _add_run_files(outcome["finished"], runs, meta.get("json_file"), context_classes)
+        costs = _costs(config_file, runs, out)
+        rows = [(b, v) for b in backbones for v in variants]
+        table, columns = summarize(outcome["finished"], rows, list(meta.get("thing_classes", [])), context_classes,
+                                   list(meta.get("local_classes", [])), costs)
+        paper_backbones = {b: b or backbone_of(cfg) for b in backbones}
+        md, png, js = out / "comparison.md", out / "comparison.png", out / "comparison.json"
+        write_markdown(md, table, columns, rows, command, seeds, context_classes, list(meta.get("local_classes", [])),
+                       outcome["failed"], outcome["running"], paper_backbones if test_set == "coco_2017_val" else None)
+        write_chart(png, table, columns, rows)
+        with open(js, "w") as f:
+            json.dump({"command": command, "runs": outcome["finished"], "failed": outcome["failed"],
+                       "running": outcome["running"], "costs": {" ".join(filter(None, k)): c for k, c in costs.items()},
+                       "columns": columns, "table": {" ".join(filter(None, k)): {c: list(ms) for c, ms in t.items()}
+                                                      for k, t in table.items()}}, f, indent=1)
+        return {"markdown": str(md), "chart": str(png), "json": str(js), "table": table, "columns": columns,
+                "failed": outcome["failed"], "running": outcome["running"]}
 
 
 def _costs(config_file, runs: Sequence[GridRun], out: Path) -> Dict:

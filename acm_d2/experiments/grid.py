@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..engine.run_dir import OutputDirLock
 from .runs import REPO, read_final_metrics, run_train_net
 
-__all__ = ["BACKBONES", "GridInUseError", "GridRun", "SlurmSettings", "backbone_of", "backbone_overrides", "code_version", "plan",
+__all__ = ["BACKBONES", "GridInUseError", "GridLock", "GridRun", "SlurmSettings", "backbone_of", "backbone_overrides", "code_version", "plan",
            "run_grid", "run_identity"]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,23 @@ UNKNOWN_STATE_LIMIT_S = 600.0
 
 class GridInUseError(RuntimeError):
     """Another process works on the grid's runs (another grid command, or a job of another config)."""
+
+
+class GridLock(OutputDirLock):
+    """An exclusive lock of a grid command on its output folder, ``OUT/.acm_d2_grid.lock``
+    (flock, with the holder's pid, host, start time and command inside; a stale one of a killed
+    command is taken over, as :class:`~acm_d2.engine.run_dir.OutputDirLock` does):
+    :class:`GridInUseError` naming the holder while another grid command holds it."""
+
+    lock_name = ".acm_d2_grid.lock"
+    what = "the grid output folder"
+
+    def in_use_error(self, owner: str) -> Exception:
+        return GridInUseError(
+            f"the grid output folder {self.output_dir} is in use by another grid command: {owner}. Two grid commands "
+            f"on one folder would submit or train the same runs twice and write one report over the other; wait for "
+            f"it to end, or set another --output-dir."
+        )
 
 
 def backbone_overrides(name: str, config_weights: str) -> List[str]:
