@@ -109,7 +109,7 @@ def test_failed_runs_are_listed_with_their_log_and_retried_on_request(tmp_path, 
     md = tmp_path / "comparison.md"
     write_markdown(md, {(None, "ACM"): {}}, [], [], "cmd", 1, [], [], outcome["failed"])
     text = md.read_text()
-    assert "Failed runs (left out of the means; `--retry-failed` trains them again):" in text
+    assert "Failed runs (left out of the means; `--retry-failed` trains them again, except a job whose SLURM state could not be read" in text
     assert "- ACM seed 0: tools/train_net.py failed with exit code 1" in text and "Loss became infinite" in text
     assert attempts(tmp_path) == ["ACM/seed0"]
     assert grid.run_grid(runs, WIDE, measure=lambda run: {})["failed"]  # listed again, not retrained

@@ -158,7 +158,8 @@ def write_markdown(path, table, columns, rows: Sequence[Row], command: str, n_se
             lines.append(first(row) + " " + " | ".join(cells) + " |")
         lines.append("")
     if failures:
-        lines.append("Failed runs (left out of the means; `--retry-failed` trains them again):")
+        lines.append("Failed runs (left out of the means; `--retry-failed` trains them again, except a job whose SLURM "
+                     "state could not be read, which the next call checks again):")
         for r in failures:
             label = f"{r.get('backbone') + ' ' if r.get('backbone') else ''}{r['variant']} seed {r['seed']}"
             lines.append(f"- {label}: {r['failed'].splitlines()[0]}")
