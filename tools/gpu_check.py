@@ -3,7 +3,7 @@
 
     make gpu-check                                           # set-up, then the check on cuda
     python tools/gpu_check.py --output-dir out/gpu_check     # the CUDA tests, model, module, demo
-    python tools/gpu_check.py --device cpu --quick           # the same parts at tiny sizes (~2 min)
+    python tools/gpu_check.py --device cpu --quick           # the same parts at tiny sizes (~75 s)
 
 Writes OUTPUT_DIR/gpu_check.json and OUTPUT_DIR/gpu_check.md, and prints the latter.
 """
