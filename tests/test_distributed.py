@@ -25,6 +25,7 @@ from torch import nn
 
 from acm_d2.engine import check_distributed_setup
 from acm_d2.engine import launcher as launch_module
+from acm_d2.engine.rendezvous import GroupFormationError
 from train_net_runs import CONFIG, REPO, load_model_weights, read_metrics, tiny_opts, write_tiny_coco
 
 # Runs tools/train_net.py's own command line (argument_parser, launch, setup, main, Trainer)
@@ -574,3 +575,30 @@ def test_a_missing_machine_ends_naming_it_and_ctrl_c_ends_every_worker(forming_d
             kill_process_group(p)
     assert (f"the group did not form within 3 s ($ACM_D2_JOIN_TIMEOUT): 1 of 2 processes joined at {missing}; "
             f"missing: ranks [1] (machine(s) [1])") in outputs[0], outputs[0][-3000:]
+
+
+def test_hand_set_rank_and_world_size_without_the_rest_is_refused():
+    """RANK=1 WORLD_SIZE=2 alone (no LOCAL_RANK) made every process train alone, silently."""
+    from acm_d2.engine.launcher import external_launcher_environment
+
+    with pytest.raises(ValueError, match=r"RANK, WORLD_SIZE are set .* but \['LOCAL_RANK', 'LOCAL_WORLD_SIZE', "
+                                         r"'MASTER_ADDR', 'MASTER_PORT'\] are not: without them this process would train alone"):
+        external_launcher_environment({"RANK": "1", "WORLD_SIZE": "2"})
+    assert external_launcher_environment({"RANK": "0"}) is None  # a lone RANK=0 of some environment
+    assert external_launcher_environment({"WORLD_SIZE": "1"}) is None
+
+
+def test_env_rank_alone_ends_naming_the_missing_ranks(monkeypatch):
+    """RANK=0 WORLD_SIZE=2 with one process started: init_process_group("env://") waited silently;
+    the roll call ends it after $ACM_D2_JOIN_TIMEOUT seconds, naming rank 1."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "ACM_D2_JOIN_TIMEOUT": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ran = []
+    with pytest.raises(GroupFormationError, match=r"the group did not form within 2 s \(\$ACM_D2_JOIN_TIMEOUT\): 1 of 2 "
+                                                  r"processes joined at env:// \(MASTER_ADDR 127.0.0.1, MASTER_PORT \d+\); "
+                                                  r"missing: ranks \[1\] \(machine\(s\) \[1\]\)\. Start every process with "
+                                                  r"the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE"):
+        launch_module.launch(ran.append, 1, args=(1,), device="cpu")
+    assert ran == [] and not torch.distributed.is_initialized()

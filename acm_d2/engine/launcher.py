@@ -4,9 +4,10 @@
 
 * **Started by an external launcher** (``torchrun``, TorchX, Kubernetes, the SLURM jobs of
   :mod:`acm_d2.engine.slurm`): the environment holds ``RANK``, ``WORLD_SIZE``,
-  ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Every process
-  joins the group from that environment (``init_method="env://"``) and runs ``main_func``
-  itself; nothing is spawned. ``--num-gpus``, ``--num-machines``, ``--machine-rank`` and
+  ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (some but not all
+  of them set is refused). Every process holds the roll call of
+  :func:`acm_d2.engine.rendezvous.join_from_environment` on the store ``env://`` uses, joins
+  the group on it and runs ``main_func`` itself; nothing is spawned. ``--num-gpus``, ``--num-machines``, ``--machine-rank`` and
   ``--dist-url`` are then the launcher's business (``torchrun --nnodes --nproc_per_node``).
 * **Otherwise** ``num_gpus_per_machine`` processes are spawned on each of ``num_machines``
   machines, which join at ``dist_url``. Settings that can never form a group are refused at
@@ -39,7 +40,7 @@ from detectron2.engine import launch as detectron2_launch
 from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.utils import comm
 
-from .rendezvous import default_join_timeout, spawn_and_join
+from .rendezvous import default_join_timeout, join_from_environment, spawn_and_join
 
 __all__ = ["launch", "check_launch_settings", "external_launcher_environment", "WorkerFailedError"]
 
@@ -57,17 +58,19 @@ def external_launcher_environment(environ: Optional[Mapping[str, str]] = None) -
         ``WORLD_SIZE`` and ``LOCAL_RANK`` are set.
 
     Raises:
-        ValueError: some of :data:`LAUNCHER_VARIABLES` are set but not all of them, or the
-            values are inconsistent.
+        ValueError: some of :data:`LAUNCHER_VARIABLES` are set but not all of them (but a lone
+            ``RANK=0`` / ``WORLD_SIZE=1``), or the values are inconsistent.
     """
     environ = os.environ if environ is None else environ
-    if not all(k in environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
-        return None
+    present = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in environ]
+    if not present or (len(present) < 3 and environ.get("WORLD_SIZE", "1") == "1" and environ.get("RANK", "0") == "0"):
+        return None  # no launcher (a lone RANK=0 / WORLD_SIZE=1 of some environment changes nothing)
     missing = [k for k in LAUNCHER_VARIABLES if k not in environ]
     if missing:
         raise ValueError(
-            f"RANK, WORLD_SIZE and LOCAL_RANK are set (started by an external launcher such as torchrun), "
-            f"but {missing} are not; the launcher must set all of {list(LAUNCHER_VARIABLES)}"
+            f"{', '.join(present)} {'is' if len(present) == 1 else 'are'} set (as by an external launcher such as "
+            f"torchrun), but {missing} {'is' if len(missing) == 1 else 'are'} not: without them this process would "
+            f"train alone. Set all of {list(LAUNCHER_VARIABLES)} (torchrun does), or unset {present}"
         )
     layout = {
         "rank": int(environ["RANK"]),
@@ -146,9 +149,7 @@ def _join_external_group(main_func, layout: dict, num_gpus_per_machine: int, arg
         layout["rank"], layout["world_size"], layout["local_rank"], layout["local_world_size"], backend,
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"],
     )
-    dist.init_process_group(
-        backend=backend, init_method="env://", world_size=layout["world_size"], rank=layout["rank"], timeout=timeout
-    )
+    join_from_environment(layout, backend, timeout)  # the roll call, then the group on its store
     comm.create_local_process_group(layout["local_world_size"])
     comm.synchronize()
     result = _RankNamedMain(main_func)(*args)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-__all__ = ["GroupFormationError", "default_join_timeout", "spawn_and_join"]
+__all__ = ["GroupFormationError", "default_join_timeout", "join_from_environment", "spawn_and_join"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,12 @@ def _missing(members: Dict[int, dict], me: dict) -> str:
     return f"ranks {absent[:16]}{' ...' if len(absent) > 16 else ''} (machine(s) {machines})"
 
 
-def _roll_call(store, me: dict, join_timeout: float, dist_url: str) -> None:
-    """Register ``me``; rank 0 checks everyone and announces the verdict; see the module docstring."""
+_SPAWN_HINT = "Start them with the same --dist-url, --num-machines and --num-gpus, each machine with its --machine-rank"
+
+
+def _roll_call(store, me: dict, join_timeout: float, dist_url: str, hint: str = _SPAWN_HINT) -> None:
+    """Register ``me``; rank 0 checks everyone and announces the verdict; see the module docstring.
+    ``hint``: how to start the missing processes (the launcher's settings)."""
     index = store.add(_PREFIX + "count", 1) - 1
     store.set(f"{_PREFIX}member/{index}", json.dumps(me))
     if me["rank"] != 0:
@@ -141,8 +145,7 @@ def _roll_call(store, me: dict, join_timeout: float, dist_url: str) -> None:
         if problem is None and time.monotonic() > deadline:
             problem = (
                 f"the group did not form within {join_timeout:g} s ($ACM_D2_JOIN_TIMEOUT): {len(members)} of "
-                f"{me['world_size']} processes joined at {dist_url}; missing: {_missing(members, me)}. Start them "
-                f"with the same --dist-url, --num-machines and --num-gpus, each machine with its --machine-rank"
+                f"{me['world_size']} processes joined at {dist_url}; missing: {_missing(members, me)}. {hint}"
             )
         if problem is not None:
             message = f"Training processes cannot form a group: {problem}"
@@ -218,3 +221,41 @@ def spawn_and_join(main_func, num_gpus: int, num_machines: int, machine_rank: in
     except BaseException:
         _end_workers(context.processes)  # Ctrl-C or a failed worker: none is left behind on the port
         raise
+
+
+_ENV_HINT = ("Start every process with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE and its own RANK "
+             "(torchrun --nnodes / --nproc_per_node set them)")
+
+
+def join_from_environment(layout: dict, backend: str, timeout) -> None:
+    """Form the process group of an external launcher (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``: torchrun, SLURM, or set by hand) after the same roll call as
+    :func:`spawn_and_join`, on the store ``init_method="env://"`` would use: rank 0 serves it at
+    MASTER_ADDR:MASTER_PORT, or torchrun's agent serves it (``TORCHELASTIC_USE_AGENT_STORE``);
+    the roll call of each restart of torchrun's workers has keys of its own
+    (``TORCHELASTIC_RESTART_COUNT``). Ranks missing after ``$ACM_D2_JOIN_TIMEOUT`` seconds end
+    every process with :class:`GroupFormationError` naming them.
+
+    ``layout``: {"rank", "world_size", "local_rank", "local_world_size"}."""
+    join_timeout = default_join_timeout()
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    where = f"env:// (MASTER_ADDR {host}, MASTER_PORT {port})"
+    per_machine = layout["local_world_size"]
+    me = {
+        "rank": layout["rank"], "world_size": layout["world_size"], "num_gpus": per_machine,
+        "num_machines": layout["world_size"] // per_machine, "machine_rank": layout["rank"] // per_machine,
+        "host": socket.gethostname(), "pid": os.getpid(),
+    }
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    try:
+        store = dist.TCPStore(host, port, is_master=layout["rank"] == 0 and not agent_store,
+                              timeout=timedelta(seconds=join_timeout), wait_for_workers=False)
+    except Exception as e:  # noqa: BLE001 - cannot bind (rank 0) or reach rank 0 (the others)
+        what = f"could not serve the group at {where} (is the port in use?)" if me["rank"] == 0 and not agent_store else (
+            f"could not reach the store at {where} within {join_timeout:g} s: is rank 0 started?")
+        raise GroupFormationError(f"{_describe(me)} {what} ({type(e).__name__}: {e})") from e
+    store = dist.PrefixStore(f"acm_d2_env/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    _roll_call(store, me, join_timeout, where, _ENV_HINT)
+    store.set_timeout(timeout)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore("acm_d2_pg/", store),
+                            world_size=layout["world_size"], rank=layout["rank"], timeout=timeout)
